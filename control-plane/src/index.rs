@@ -1,0 +1,119 @@
+//! Index: the single writer of the control plane's state. It takes whole mesh views
+//! from a source, debounces them, translates them and publishes immutable snapshots on
+//! two lanes (config; capacity) that every stream reads. It must not talk to proxies.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+
+use crate::debounce::Debounce;
+use crate::metrics::Metrics;
+use crate::model::MeshState;
+use crate::translate::{self, Snapshot};
+use crate::watch::SourceEvent;
+
+/// What the admin endpoints show about discovery.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SourceStatus {
+    pub source: String,
+    /// Set once a first valid view has been published.
+    pub synced: bool,
+    pub generation: u64,
+    pub last_error: Option<String>,
+    pub services: usize,
+    pub endpoints: usize,
+}
+
+/// The read side of the index, cloned into every stream and the admin server.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub config: watch::Receiver<Arc<Snapshot>>,
+    pub capacity: watch::Receiver<Arc<Snapshot>>,
+    pub status: Arc<ArcSwap<SourceStatus>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DebounceSettings {
+    pub quiet: Duration,
+    pub max_delay: Duration,
+}
+
+/// Starts the index task. It ends when the source's sender is dropped.
+pub fn spawn(
+    source_name: String,
+    mut events: mpsc::Receiver<SourceEvent>,
+    debounce: DebounceSettings,
+    metrics: Arc<Metrics>,
+) -> Published {
+    let (config_tx, config_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (capacity_tx, capacity_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let status = Arc::new(ArcSwap::from_pointee(SourceStatus { source: source_name, ..Default::default() }));
+    let published = Published { config: config_rx, capacity: capacity_rx, status: Arc::clone(&status) };
+
+    tokio::spawn(async move {
+        let mut timer = Debounce::new(debounce.quiet, debounce.max_delay);
+        let mut pending: Option<MeshState> = None;
+        let mut generation = 0u64;
+        loop {
+            let deadline = timer.deadline();
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    None => return,
+                    Some(SourceEvent::Updated(mesh)) => {
+                        pending = Some(mesh);
+                        timer.change(Instant::now());
+                    }
+                    Some(SourceEvent::Failed(why)) => {
+                        tracing::error!("discovery: {why}");
+                        metrics.source_errors.inc();
+                        // A failed read supersedes a pending good one only in the status:
+                        // the last good view (published or pending) is what we serve.
+                        let mut s = SourceStatus::clone(&status.load());
+                        s.last_error = Some(why);
+                        status.store(Arc::new(s));
+                    }
+                },
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    if !timer.take_due(Instant::now()) {
+                        continue;
+                    }
+                    let Some(mesh) = pending.take() else { continue };
+                    let config = Snapshot { generation: generation + 1, by_type: translate::config(&mesh) };
+                    let capacity = Snapshot { generation: generation + 1, by_type: translate::capacity(&mesh) };
+                    let config_changed = !config.same_content(&config_tx.borrow());
+                    let capacity_changed = !capacity.same_content(&capacity_tx.borrow());
+                    let first = generation == 0;
+                    if config_changed || capacity_changed || first {
+                        generation += 1;
+                        metrics.snapshot_generation.set(i64::try_from(generation).unwrap_or(i64::MAX));
+                        metrics.snapshots_published.inc();
+                        tracing::info!(generation, services = mesh.services.len(), "index: publishing snapshot");
+                    }
+                    if config_changed || first {
+                        config_tx.send_replace(Arc::new(config));
+                    }
+                    if capacity_changed || first {
+                        capacity_tx.send_replace(Arc::new(capacity));
+                    }
+                    let endpoints = mesh.services.values().map(|s| s.endpoints.len()).sum();
+                    let mut s = SourceStatus::clone(&status.load());
+                    s.synced = true;
+                    s.generation = generation;
+                    s.last_error = None;
+                    s.services = mesh.services.len();
+                    s.endpoints = endpoints;
+                    status.store(Arc::new(s));
+                }
+            }
+        }
+    });
+    published
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(d) = deadline {
+        tokio::time::sleep_until(d.into()).await;
+    }
+}

@@ -1,0 +1,70 @@
+//! `neutrino-control-plane`: flags in, [`neutrino_control_plane::run`] out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use neutrino_control_plane::index::DebounceSettings;
+use neutrino_control_plane::serve::ServeSettings;
+use neutrino_control_plane::watch::{Source, file::FileSource};
+use neutrino_control_plane::{ADMIN_PORT, GRPC_PORT, Settings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "neutrino-control-plane",
+    version,
+    about = "Neutrino control plane: discovers services and streams config to proxies"
+)]
+struct Args {
+    /// Discover services from this mesh file (format: docs/mesh-file.md). Edits are picked up live.
+    #[arg(long, env = "NEUTRINO_MESH_FILE")]
+    mesh_file: PathBuf,
+    /// Address for the Discovery gRPC stream.
+    #[arg(long, env = "NEUTRINO_GRPC_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], GRPC_PORT)))]
+    grpc_addr: SocketAddr,
+    /// Address for admin HTTP (/live, /ready, /metrics, /config_dump).
+    #[arg(long, env = "NEUTRINO_ADMIN_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT)))]
+    admin_addr: SocketAddr,
+    /// Publish after this much quiet following a change (milliseconds).
+    #[arg(long, default_value_t = 100)]
+    debounce_quiet_ms: u64,
+    /// ...but never later than this after the first unpublished change (milliseconds).
+    #[arg(long, default_value_t = 1000)]
+    debounce_max_ms: u64,
+    /// Close streams after about this long (±10 %) so proxies rebalance across replicas.
+    #[arg(long, default_value_t = 1800)]
+    max_stream_age_secs: u64,
+    /// Log filter, e.g. "info" or "neutrino_control_plane=debug".
+    #[arg(long, env = "NEUTRINO_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("parsing --log")?)
+        .init();
+    let settings = Settings {
+        source: Source::File(FileSource::new(args.mesh_file)),
+        grpc_addr: args.grpc_addr,
+        admin_addr: args.admin_addr,
+        debounce: DebounceSettings {
+            quiet: Duration::from_millis(args.debounce_quiet_ms),
+            max_delay: Duration::from_millis(args.debounce_max_ms),
+        },
+        serve: ServeSettings { max_stream_age: Duration::from_secs(args.max_stream_age_secs) },
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down");
+    };
+    neutrino_control_plane::run(settings, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! The control plane's Prometheus metrics. Counters are updated where things happen;
+//! this module only declares and encodes them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Short resource type name: Service, Endpoints, Capacity.
+    pub kind: String,
+}
+
+impl KindLabel {
+    pub fn of(type_url: &str) -> Self {
+        KindLabel { kind: neutrino_proto::type_url::short(type_url).to_string() }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connected_proxies: Gauge,
+    pub streams_total: Counter,
+    pub responses_sent: Family<KindLabel, Counter>,
+    pub resources_sent: Family<KindLabel, Counter>,
+    pub removals_sent: Family<KindLabel, Counter>,
+    pub acks: Family<KindLabel, Counter>,
+    pub nacks: Family<KindLabel, Counter>,
+    pub snapshot_generation: Gauge,
+    pub snapshots_published: Counter,
+    pub source_errors: Counter,
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut r = Registry::with_prefix("neutrino_cp");
+        r.register("connected_proxies", "Proxies with an open discovery stream", self.connected_proxies.clone());
+        r.register("streams", "Discovery streams opened", self.streams_total.clone());
+        r.register("responses_sent", "Discovery responses sent, by resource kind", self.responses_sent.clone());
+        r.register("resources_sent", "Resources sent in discovery responses", self.resources_sent.clone());
+        r.register("removals_sent", "Resource removals sent in discovery responses", self.removals_sent.clone());
+        r.register("acks", "Responses acknowledged by proxies", self.acks.clone());
+        r.register("nacks", "Responses rejected by proxies", self.nacks.clone());
+        r.register("snapshot_generation", "Generation of the published snapshot", self.snapshot_generation.clone());
+        r.register("snapshots_published", "Snapshots published after debouncing", self.snapshots_published.clone());
+        r.register("source_errors", "Discovery source reads that failed", self.source_errors.clone());
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        out
+    }
+}

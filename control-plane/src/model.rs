@@ -1,0 +1,73 @@
+//! The control plane's source-neutral view of the mesh: what discovery found, before it
+//! is translated into resources. Sources build it; translate reads it. Plain data, no IO.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use neutrino_proto::Protocol;
+
+/// Everything discovery knows, keyed by "<namespace>/<name>".
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeshState {
+    pub services: BTreeMap<String, ServiceModel>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceModel {
+    pub name: String,
+    pub namespace: String,
+    pub ports: Vec<PortModel>,
+    pub virtual_ips: Vec<IpAddr>,
+    pub hostnames: Vec<String>,
+    /// Where the service's OpenAPI document lives (resolved to an absolute path).
+    pub openapi: Option<PathBuf>,
+    pub endpoints: Vec<EndpointModel>,
+}
+
+impl ServiceModel {
+    pub fn key(&self) -> String {
+        service_key(&self.namespace, &self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortModel {
+    pub port: u16,
+    pub target_port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpu: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointModel {
+    pub address: IpAddr,
+    /// 0: the service port's target port.
+    pub port: u16,
+    pub zone: String,
+    pub labels: BTreeMap<String, String>,
+    pub ready: bool,
+    pub capacity: Capacity,
+    pub pod: String,
+}
+
+/// Resource names of per-service resources: "<namespace>/<name>".
+pub fn service_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// The names a service answers to by default, as Kubernetes DNS would give them.
+pub fn default_hostnames(namespace: &str, name: &str) -> Vec<String> {
+    vec![
+        name.to_string(),
+        format!("{name}.{namespace}"),
+        format!("{name}.{namespace}.svc"),
+        format!("{name}.{namespace}.svc.cluster.local"),
+    ]
+}

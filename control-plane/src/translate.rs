@@ -1,0 +1,154 @@
+//! Translate: the mesh model into versioned `neutrino.mesh.v1` resources.
+//!
+//! Pure functions. A resource's version is a hash of its content, so re-translating an
+//! unchanged service yields the same version and nothing is pushed for it. Must not do
+//! IO or keep state between calls.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use neutrino_proto::{self as pb, Resource, resource::Body, type_url};
+
+use crate::model::{Capacity, MeshState, ServiceModel};
+
+/// One type's resources, by name.
+pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
+
+/// An immutable set of resources per type URL, as published to every stream.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases with every published change; reported as `system_version`.
+    pub generation: u64,
+    pub by_type: BTreeMap<&'static str, Arc<ResourceMap>>,
+}
+
+impl Snapshot {
+    pub fn resources(&self, type_url: &str) -> Option<&ResourceMap> {
+        self.by_type.get(type_url).map(|m| m.as_ref())
+    }
+
+    /// True when both hold the same names at the same versions.
+    pub fn same_content(&self, other: &Snapshot) -> bool {
+        self.by_type.len() == other.by_type.len()
+            && self.by_type.iter().zip(other.by_type.iter()).all(|((ta, a), (tb, b))| {
+                ta == tb
+                    && a.len() == b.len()
+                    && a.iter().zip(b.iter()).all(|((na, ra), (nb, rb))| na == nb && ra.version == rb.version)
+            })
+    }
+}
+
+/// The config lane: `Service` and `Endpoints`.
+pub fn config(mesh: &MeshState) -> BTreeMap<&'static str, Arc<ResourceMap>> {
+    let mut services = ResourceMap::new();
+    let mut endpoints = ResourceMap::new();
+    for (key, svc) in &mesh.services {
+        services
+            .insert(key.clone(), Arc::new(Resource::with_content_version(key.clone(), Body::Service(service(svc)))));
+        endpoints.insert(
+            key.clone(),
+            Arc::new(Resource::with_content_version(key.clone(), Body::Endpoints(endpoints_of(key, svc)))),
+        );
+    }
+    BTreeMap::from([(type_url::SERVICE, Arc::new(services)), (type_url::ENDPOINTS, Arc::new(endpoints))])
+}
+
+/// The capacity lane: one `Capacity` per service. No load has been reported yet by
+/// anything in this build, so each lists no loads; proxies then weigh endpoints by
+/// capacity alone.
+pub fn capacity(mesh: &MeshState) -> BTreeMap<&'static str, Arc<ResourceMap>> {
+    let map = mesh
+        .services
+        .keys()
+        .map(|key| {
+            let body = Body::Capacity(pb::Capacity { service: key.clone(), loads: Vec::new() });
+            (key.clone(), Arc::new(Resource::with_content_version(key.clone(), body)))
+        })
+        .collect();
+    BTreeMap::from([(type_url::CAPACITY, Arc::new(map))])
+}
+
+fn service(svc: &ServiceModel) -> pb::Service {
+    pb::Service {
+        name: svc.name.clone(),
+        namespace: svc.namespace.clone(),
+        ports: svc
+            .ports
+            .iter()
+            .map(|p| pb::ServicePort {
+                name: String::new(),
+                port: u32::from(p.port),
+                target_port: u32::from(p.target_port),
+                protocol: p.protocol as i32,
+            })
+            .collect(),
+        virtual_ips: svc.virtual_ips.iter().map(ToString::to_string).collect(),
+        hostnames: svc.hostnames.clone(),
+        routes: Vec::new(),
+        default_cost: None,
+    }
+}
+
+fn endpoints_of(key: &str, svc: &ServiceModel) -> pb::Endpoints {
+    pb::Endpoints {
+        service: key.to_string(),
+        endpoints: svc
+            .endpoints
+            .iter()
+            .map(|e| pb::Endpoint {
+                address: e.address.to_string(),
+                port: u32::from(e.port),
+                zone: e.zone.clone(),
+                labels: e.labels.clone(),
+                ready: e.ready,
+                capacity: Some(vector(e.capacity)),
+                pod: e.pod.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn vector(c: Capacity) -> pb::ResourceVector {
+    pb::ResourceVector { cpu_millis: c.cpu_millis, memory_bytes: c.memory_bytes, gpu: c.gpu }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watch::mesh_file;
+    use std::path::Path;
+
+    fn mesh(cpu: &str) -> MeshState {
+        let text = format!(
+            "services:\n- name: a\n  ports: [{{port: 80}}]\n  endpoints:\n  - {{address: 10.0.0.1, capacity: {{cpu: \"{cpu}\", memory: 1Gi}}}}\n- name: b\n  ports: [{{port: 81}}]\n"
+        );
+        mesh_file::parse(Path::new("m.yaml"), text.as_bytes()).expect("valid")
+    }
+
+    #[test]
+    fn unchanged_services_keep_their_versions() {
+        let before = config(&mesh("1"));
+        let after = config(&mesh("2"));
+        let v = |m: &BTreeMap<&str, Arc<ResourceMap>>, t: &str, n: &str| m[t][n].version.clone();
+        assert_eq!(v(&before, type_url::SERVICE, "default/a"), v(&after, type_url::SERVICE, "default/a"));
+        assert_ne!(v(&before, type_url::ENDPOINTS, "default/a"), v(&after, type_url::ENDPOINTS, "default/a"));
+        assert_eq!(v(&before, type_url::ENDPOINTS, "default/b"), v(&after, type_url::ENDPOINTS, "default/b"));
+    }
+
+    #[test]
+    fn endpoints_carry_capacity_in_integer_units() {
+        let cfg = config(&mesh("500m"));
+        let Some(Body::Endpoints(eps)) = &cfg[type_url::ENDPOINTS]["default/a"].body else { panic!("endpoints body") };
+        let cap = eps.endpoints[0].capacity.expect("capacity");
+        assert_eq!((cap.cpu_millis, cap.memory_bytes), (500, 1 << 30));
+    }
+
+    #[test]
+    fn snapshot_content_comparison() {
+        let a = Snapshot { generation: 1, by_type: config(&mesh("1")) };
+        let b = Snapshot { generation: 2, by_type: config(&mesh("1")) };
+        let c = Snapshot { generation: 3, by_type: config(&mesh("3")) };
+        assert!(a.same_content(&b));
+        assert!(!a.same_content(&c));
+    }
+}

@@ -1,0 +1,59 @@
+//! The proxy's admin endpoints on port 15020: `/live`, `/ready`, `/metrics` and
+//! `/config_dump`. Read-only views of the config store and the stream status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use neutrino_admin::Reply;
+use serde_json::json;
+
+use crate::config::ConfigStore;
+use crate::config::stream::StreamStatus;
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub store: Arc<ConfigStore>,
+    pub stream: Arc<ArcSwap<StreamStatus>>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn handle(state: &AdminState, path: &str) -> Reply {
+    match path {
+        "/live" => Reply::text(200, "live\n"),
+        "/ready" => {
+            let snap = state.store.load();
+            if snap.is_ready() {
+                Reply::text(200, format!("ready: config generation {}\n", snap.generation))
+            } else {
+                let stream = state.stream.load();
+                let why = stream.last_error.as_deref().unwrap_or("waiting for the first valid config");
+                Reply::text(503, format!("not ready: {why}\n"))
+            }
+        }
+        "/metrics" => {
+            let snap = state.store.load();
+            Reply::metrics(state.metrics.encode(snap.generation, snap.is_ready()))
+        }
+        "/config_dump" => Reply::json(200, config_dump(state)),
+        other => Reply::not_found(other),
+    }
+}
+
+fn config_dump(state: &AdminState) -> Vec<u8> {
+    let snap = state.store.load();
+    let mut resources = BTreeMap::new();
+    for (t, map) in &snap.types {
+        let items: BTreeMap<&str, serde_json::Value> =
+            map.iter().map(|(n, r)| (n.as_str(), json!({ "version": r.version, "body": r.body }))).collect();
+        resources.insert(neutrino_proto::type_url::short(t).to_string(), items);
+    }
+    let dump = json!({
+        "ready": snap.is_ready(),
+        "generation": snap.generation,
+        "resources": resources,
+        "stream": &**state.stream.load(),
+    });
+    serde_json::to_vec_pretty(&dump).unwrap_or_default()
+}

@@ -1,0 +1,63 @@
+//! Source of config in local mode: a mesh file read and translated exactly as the
+//! control plane would, then fed through the same applier (validate, publish) as the
+//! stream. Edits to the file are picked up live. It must not publish by itself.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use neutrino_control_plane::translate;
+use neutrino_control_plane::watch::{SourceEvent, file::FileSource};
+use tokio::sync::mpsc;
+
+use super::stream::StreamStatus;
+use super::{Applier, Update};
+
+/// Runs until the process ends.
+pub async fn run(path: PathBuf, applier: Applier, status: Arc<ArcSwap<StreamStatus>>) {
+    let shown = path.display().to_string();
+    status.store(Arc::new(StreamStatus { control_plane: shown.clone(), state: "local".into(), ..Default::default() }));
+    let (tx, mut rx) = mpsc::channel(2);
+    tokio::spawn(FileSource::new(path).run(tx));
+    while let Some(event) = rx.recv().await {
+        let mesh = match event {
+            SourceEvent::Updated(mesh) => mesh,
+            SourceEvent::Failed(why) => {
+                tracing::error!("config: {why}");
+                set_error(&status, why);
+                continue;
+            }
+        };
+        let current = applier.current();
+        let mut types = translate::config(&mesh);
+        types.extend(translate::capacity(&mesh));
+        let mut errors = Vec::new();
+        for (type_url, wanted) in types {
+            let held = current.resources(type_url);
+            let upserts = wanted
+                .values()
+                .filter(|r| held.and_then(|h| h.get(&r.name)).map(|h| &h.version) != Some(&r.version))
+                .map(|r| neutrino_proto::Resource::clone(r))
+                .collect();
+            let removed =
+                held.map(|h| h.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect()).unwrap_or_default();
+            if let Err(problems) = applier.apply(Update { type_url: type_url.to_string(), upserts, removed }) {
+                errors.extend(problems.iter().map(ToString::to_string));
+            }
+        }
+        if errors.is_empty() {
+            tracing::info!(file = %shown, generation = applier.current().generation, "config: applied local config");
+            set_error(&status, None::<String>);
+        } else {
+            let why = format!("{shown}: rejected: {}", errors.join("; "));
+            tracing::error!("config: {why}");
+            set_error(&status, why);
+        }
+    }
+}
+
+fn set_error(status: &ArcSwap<StreamStatus>, why: impl Into<Option<String>>) {
+    let mut s = StreamStatus::clone(&status.load());
+    s.last_error = why.into();
+    status.store(Arc::new(s));
+}

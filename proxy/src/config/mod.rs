@@ -1,0 +1,180 @@
+//! The proxy's one config path: a source (the control-plane stream, or a local file)
+//! hands updates to the [`Applier`], which validates each as a whole and, if it passes,
+//! publishes a new immutable [`Snapshot`]. Readers load snapshots without locks.
+//!
+//! The applier is the only writer. A rejected update changes nothing: the last good
+//! snapshot stays in place.
+
+pub mod file;
+pub mod stream;
+pub mod validate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use neutrino_proto::{Resource, type_url};
+
+pub use validate::Problem;
+
+/// One type's resources, by name.
+pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
+
+/// The types that must have arrived before the proxy is ready to route.
+pub const REQUIRED_TYPES: [&str; 2] = [type_url::SERVICE, type_url::ENDPOINTS];
+
+/// An immutable, validated config.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    /// Counts published snapshots in this process.
+    pub generation: u64,
+    pub types: BTreeMap<String, Arc<ResourceMap>>,
+    /// Types that have had at least one update applied.
+    pub synced: BTreeSet<String>,
+}
+
+impl Snapshot {
+    pub fn resources(&self, type_url: &str) -> Option<&ResourceMap> {
+        self.types.get(type_url).map(|m| m.as_ref())
+    }
+
+    /// Ready once every required type has been applied once (possibly empty).
+    pub fn is_ready(&self) -> bool {
+        REQUIRED_TYPES.iter().all(|t| self.synced.contains(*t))
+    }
+
+    /// name -> version of one type, as sent on reconnect so nothing unchanged is resent.
+    pub fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
+        self.resources(type_url)
+            .map(|m| m.iter().map(|(n, r)| (n.clone(), r.version.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Where readers get the current snapshot.
+#[derive(Debug, Default)]
+pub struct ConfigStore {
+    current: ArcSwap<Snapshot>,
+}
+
+impl ConfigStore {
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+}
+
+/// An update for one type: what to add or replace, and what to remove.
+#[derive(Debug, Clone, Default)]
+pub struct Update {
+    pub type_url: String,
+    pub upserts: Vec<Resource>,
+    pub removed: Vec<String>,
+}
+
+/// The single writer of a [`ConfigStore`].
+#[derive(Debug)]
+pub struct Applier {
+    store: Arc<ConfigStore>,
+}
+
+impl Applier {
+    /// The one writer for `store`. Creating two for one store breaks the model.
+    pub fn new(store: Arc<ConfigStore>) -> Self {
+        Applier { store }
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.store.load()
+    }
+
+    /// Validates `update` against the current snapshot and publishes the result, or
+    /// returns every problem and leaves the snapshot as it was.
+    pub fn apply(&self, update: Update) -> Result<Arc<Snapshot>, Vec<Problem>> {
+        let current = self.store.load();
+        let mut map = current.resources(&update.type_url).cloned().unwrap_or_default();
+        for name in &update.removed {
+            map.remove(name);
+        }
+        for r in &update.upserts {
+            map.insert(r.name.clone(), Arc::new(r.clone()));
+        }
+        let services_after = if update.type_url == type_url::SERVICE {
+            map.clone()
+        } else {
+            current.resources(type_url::SERVICE).cloned().unwrap_or_default()
+        };
+        let problems = validate::check(&update.type_url, &update.upserts, &services_after);
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mut next = Snapshot::clone(&current);
+        next.generation += 1;
+        next.types.insert(update.type_url.clone(), Arc::new(map));
+        next.synced.insert(update.type_url);
+        let next = Arc::new(next);
+        self.store.current.store(Arc::clone(&next));
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use neutrino_proto::{self as pb, resource::Body};
+
+    fn eps(name: &str, addr: &str) -> Resource {
+        Resource::with_content_version(
+            name.into(),
+            Body::Endpoints(pb::Endpoints {
+                service: name.into(),
+                endpoints: vec![pb::Endpoint {
+                    address: addr.into(),
+                    capacity: Some(pb::ResourceVector { cpu_millis: 1, ..Default::default() }),
+                    ..Default::default()
+                }],
+            }),
+        )
+    }
+
+    fn update(upserts: Vec<Resource>, removed: &[&str]) -> Update {
+        Update {
+            type_url: type_url::ENDPOINTS.into(),
+            upserts,
+            removed: removed.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_rejected_update_keeps_the_last_good_snapshot() {
+        let applier = Applier::new(Arc::default());
+        let good = applier.apply(update(vec![eps("d/a", "10.0.0.1")], &[])).expect("valid");
+        let err = applier
+            .apply(update(vec![eps("d/b", "10.0.0.2"), eps("d/a", "bogus")], &["d/a"]))
+            .expect_err("one bad resource rejects the whole update");
+        assert_eq!(err.len(), 1);
+        let now = applier.current();
+        assert_eq!(now.generation, good.generation);
+        assert_eq!(now.versions(type_url::ENDPOINTS), good.versions(type_url::ENDPOINTS));
+        assert!(now.resources(type_url::ENDPOINTS).expect("map").contains_key("d/a"));
+    }
+
+    #[test]
+    fn deltas_add_replace_and_remove() {
+        let applier = Applier::new(Arc::default());
+        applier.apply(update(vec![eps("d/a", "10.0.0.1"), eps("d/b", "10.0.0.2")], &[])).expect("valid");
+        let s = applier.apply(update(vec![eps("d/a", "10.0.0.9")], &["d/b"])).expect("valid");
+        let m = s.resources(type_url::ENDPOINTS).expect("map");
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["d/a"]);
+        assert_eq!(m["d/a"].version, eps("d/a", "10.0.0.9").version);
+    }
+
+    #[test]
+    fn ready_after_every_required_type_synced_once() {
+        let applier = Applier::new(Arc::default());
+        assert!(!applier.current().is_ready());
+        applier.apply(update(vec![], &[])).expect("empty endpoints");
+        assert!(!applier.current().is_ready());
+        applier.apply(Update { type_url: type_url::SERVICE.into(), ..Default::default() }).expect("empty services");
+        assert!(applier.current().is_ready());
+    }
+}

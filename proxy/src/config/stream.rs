@@ -1,0 +1,255 @@
+//! Source of config in mesh mode: the Discovery stream to the control plane.
+//!
+//! Subscribes to every resource type, hands each response to the applier and answers
+//! it with an ACK or a NACK carrying the applier's reasons. On any failure it
+//! reconnects with exponential backoff and jitter and resumes with the versions it
+//! holds, so unchanged resources are not sent again. While the control plane is away
+//! the last good snapshot keeps serving. It must not validate or publish by itself.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use neutrino_proto::discovery_client::DiscoveryClient;
+use neutrino_proto::{
+    CODE_INVALID_ARGUMENT, DiscoveryRequest, DiscoveryResponse, ErrorDetail, Node, WILDCARD, type_url,
+};
+use rand::Rng;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{Applier, Update};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// "host:port" or "http://host:port".
+    pub control_plane: String,
+    pub node: Node,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// The stream's state, for `/config_dump`. Written only by the stream task.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StreamStatus {
+    pub control_plane: String,
+    /// "connecting", "connected", "disconnected" or "local" (file mode).
+    pub state: String,
+    /// Streams established so far; more than one means the proxy reconnected.
+    pub connects: u64,
+    pub last_error: Option<String>,
+    pub types: BTreeMap<String, TypeStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TypeStatus {
+    pub responses: u64,
+    pub resources_received: u64,
+    pub removals_received: u64,
+    pub acks: u64,
+    pub nacks: u64,
+    pub last_nonce: String,
+    pub last_system_version: String,
+    /// Reasons of the most recent NACK, until a later update is accepted.
+    pub last_nack: Option<Vec<String>>,
+}
+
+#[derive(Debug, Error)]
+enum SessionError {
+    #[error(
+        "connecting to the control plane at {addr}: {source}; check NEUTRINO_CONTROL_PLANE and that the control plane is running"
+    )]
+    Connect { addr: String, source: tonic::transport::Error },
+    #[error("control plane address {0:?} is not a valid URI; use host:port or http://host:port")]
+    Address(String),
+    #[error("opening the discovery stream: {0}")]
+    Open(tonic::Status),
+    #[error("discovery stream failed: {0}")]
+    Stream(tonic::Status),
+    #[error("the control plane closed the discovery stream")]
+    Closed,
+}
+
+/// Exponential backoff with jitter: `min * 2^attempt`, capped at `max`, then scaled
+/// into [50 %, 100 %] by `unit` (a uniform random number in [0, 1)).
+pub fn backoff(attempt: u32, min: Duration, max: Duration, unit: f64) -> Duration {
+    let exp = min.saturating_mul(1u32 << attempt.min(16)).min(max);
+    exp.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+}
+
+fn endpoint_uri(addr: &str) -> String {
+    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
+}
+
+/// Runs forever: connect, stream, and on failure wait and reconnect.
+pub async fn run(
+    settings: StreamSettings,
+    applier: Applier,
+    status: Arc<ArcSwap<StreamStatus>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut attempt = 0u32;
+    let writer = StatusWriter { status };
+    writer.update(|s| s.control_plane = settings.control_plane.clone());
+    loop {
+        writer.update(|s| s.state = "connecting".into());
+        let mut got_response = false;
+        let result = session(&settings, &applier, &writer, &metrics, &mut got_response).await;
+        metrics.stream_connected.set(0);
+        let why = match result {
+            Ok(()) => SessionError::Closed.to_string(),
+            Err(e) => e.to_string(),
+        };
+        if got_response {
+            // The last stream worked: the next attempt starts from the shortest delay.
+            attempt = 0;
+        }
+        let delay = backoff(attempt, settings.backoff_min, settings.backoff_max, rand::rng().random());
+        attempt = attempt.saturating_add(1);
+        tracing::warn!("config: {why}; keeping the last good config, reconnecting in {delay:?}");
+        writer.update(|s| {
+            s.state = "disconnected".into();
+            s.last_error = Some(why);
+        });
+        tokio::time::sleep(delay).await;
+    }
+}
+
+struct StatusWriter {
+    status: Arc<ArcSwap<StreamStatus>>,
+}
+
+impl StatusWriter {
+    fn update(&self, f: impl FnOnce(&mut StreamStatus)) {
+        let mut s = StreamStatus::clone(&self.status.load());
+        f(&mut s);
+        self.status.store(Arc::new(s));
+    }
+}
+
+async fn session(
+    settings: &StreamSettings,
+    applier: &Applier,
+    writer: &StatusWriter,
+    metrics: &Metrics,
+    got_response: &mut bool,
+) -> Result<(), SessionError> {
+    let uri = endpoint_uri(&settings.control_plane);
+    let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
+        .map_err(|_| SessionError::Address(settings.control_plane.clone()))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| SessionError::Connect { addr: settings.control_plane.clone(), source })?;
+    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
+
+    let (tx, rx) = mpsc::channel(16);
+    let current = applier.current();
+    for (i, t) in type_url::ALL.iter().enumerate() {
+        let req = DiscoveryRequest {
+            node: (i == 0).then(|| settings.node.clone()),
+            type_url: t.to_string(),
+            subscribe: vec![WILDCARD.to_string()],
+            initial_resource_versions: current.versions(t),
+            ..Default::default()
+        };
+        // The receiver is alive: it is consumed by the call below.
+        let _ = tx.send(req).await;
+    }
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await.map_err(SessionError::Open)?.into_inner();
+    writer.update(|s| {
+        s.state = "connected".into();
+        s.connects += 1;
+        s.last_error = None;
+    });
+    metrics.stream_connected.set(1);
+    metrics.stream_connects.inc();
+    tracing::info!(control_plane = %settings.control_plane, "config: discovery stream open");
+
+    while let Some(resp) = inbound.message().await.map_err(SessionError::Stream)? {
+        *got_response = true;
+        let answer = handle(resp, applier, writer, metrics);
+        if tx.send(answer).await.is_err() {
+            return Err(SessionError::Closed);
+        }
+    }
+    Ok(())
+}
+
+/// Applies one response and builds its ACK or NACK.
+fn handle(resp: DiscoveryResponse, applier: &Applier, writer: &StatusWriter, metrics: &Metrics) -> DiscoveryRequest {
+    let kind = crate::metrics::KindLabel::of(&resp.type_url);
+    let (n_res, n_rem) = (resp.resources.len() as u64, resp.removed_resources.len() as u64);
+    let nonce = resp.nonce.clone();
+    let type_url_s = resp.type_url.clone();
+    let system_version = resp.system_version.clone();
+    let update = Update { type_url: resp.type_url, upserts: resp.resources, removed: resp.removed_resources };
+    let result = applier.apply(update);
+    let error_detail = match &result {
+        Ok(snapshot) => {
+            metrics.updates_applied.get_or_create(&kind).inc();
+            tracing::debug!(kind = %kind.kind, resources = n_res, removed = n_rem, generation = snapshot.generation, "config: applied");
+            None
+        }
+        Err(problems) => {
+            metrics.updates_rejected.get_or_create(&kind).inc();
+            let reasons: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            tracing::warn!(kind = %kind.kind, nonce = %nonce, "config: rejected update, keeping the last good config: {}", reasons.join("; "));
+            Some(ErrorDetail {
+                code: CODE_INVALID_ARGUMENT,
+                message: format!("{} problem(s) in {} update; nothing applied", reasons.len(), kind.kind),
+                reasons,
+            })
+        }
+    };
+    writer.update(|s| {
+        let t = s.types.entry(kind.kind.clone()).or_default();
+        t.responses += 1;
+        t.resources_received += n_res;
+        t.removals_received += n_rem;
+        t.last_nonce = nonce.clone();
+        t.last_system_version = system_version;
+        match &error_detail {
+            None => {
+                t.acks += 1;
+                t.last_nack = None;
+            }
+            Some(e) => {
+                t.nacks += 1;
+                t.last_nack = Some(e.reasons.clone());
+            }
+        }
+    });
+    DiscoveryRequest { type_url: type_url_s, response_nonce: nonce, error_detail, ..Default::default() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn backoff_grows_exponentially_caps_and_jitters() {
+        let (min, max) = (100 * MS, 5000 * MS);
+        assert_eq!(backoff(0, min, max, 1.0), 100 * MS);
+        assert_eq!(backoff(0, min, max, 0.0), 50 * MS);
+        assert_eq!(backoff(3, min, max, 1.0), 800 * MS);
+        assert_eq!(backoff(10, min, max, 1.0), max);
+        assert_eq!(backoff(u32::MAX, min, max, 0.0), max / 2);
+    }
+
+    #[test]
+    fn addresses_get_a_scheme() {
+        assert_eq!(endpoint_uri("cp:15010"), "http://cp:15010");
+        assert_eq!(endpoint_uri("https://cp:15012"), "https://cp:15012");
+    }
+}

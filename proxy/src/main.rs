@@ -1,0 +1,83 @@
+//! `neutrino-proxy`: flags in, [`neutrino_proxy::run`] out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use neutrino_proto::Node;
+use neutrino_proxy::config::stream::StreamSettings;
+use neutrino_proxy::{ADMIN_PORT, ConfigSource, Settings};
+
+#[derive(Debug, Parser)]
+#[command(name = "neutrino-proxy", version, about = "Neutrino sidecar proxy")]
+struct Args {
+    /// Control plane address (host:port). Ignored with --config-file.
+    #[arg(long, env = "NEUTRINO_CONTROL_PLANE", default_value = "neutrino-control-plane.neutrino-system.svc:15010")]
+    control_plane: String,
+    /// Local mode: read config from this mesh file instead of a control plane.
+    #[arg(long, env = "NEUTRINO_CONFIG_FILE")]
+    config_file: Option<PathBuf>,
+    /// Admin HTTP address (/live, /ready, /metrics, /config_dump).
+    #[arg(long, env = "NEUTRINO_ADMIN_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT)))]
+    admin_addr: SocketAddr,
+    /// This proxy's pod (downward API), for its node identity.
+    #[arg(long, env = "NEUTRINO_POD_NAME", default_value = "")]
+    pod: String,
+    #[arg(long, env = "NEUTRINO_POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    #[arg(long, env = "NEUTRINO_SERVICE_ACCOUNT", default_value = "default")]
+    service_account: String,
+    #[arg(long, env = "NEUTRINO_ZONE", default_value = "")]
+    zone: String,
+    /// Reconnect backoff bounds in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    backoff_min_ms: u64,
+    #[arg(long, default_value_t = 5000)]
+    backoff_max_ms: u64,
+    /// Log filter, e.g. "info" or "neutrino_proxy=debug".
+    #[arg(long, env = "NEUTRINO_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("parsing --log")?)
+        .init();
+    let config = match args.config_file {
+        Some(path) => ConfigSource::File(path),
+        None => {
+            let pod = if args.pod.is_empty() { hostname() } else { args.pod };
+            ConfigSource::Stream(StreamSettings {
+                control_plane: args.control_plane,
+                node: Node {
+                    id: format!("{pod}.{}", args.namespace),
+                    pod,
+                    namespace: args.namespace,
+                    service_account: args.service_account,
+                    zone: args.zone,
+                },
+                backoff_min: Duration::from_millis(args.backoff_min_ms),
+                backoff_max: Duration::from_millis(args.backoff_max_ms),
+            })
+        }
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    neutrino_proxy::run(Settings { config, admin_addr: args.admin_addr }, shutdown).await?;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| format!("proxy-{}", std::process::id()))
+}
