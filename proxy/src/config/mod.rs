@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 use neutrino_proto::{Resource, type_url};
 
 pub use validate::Problem;
@@ -52,14 +53,28 @@ impl Snapshot {
 }
 
 /// Where readers get the current snapshot.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
+    /// Carries the generation of every published snapshot, for tasks that react to
+    /// config changes (never needed on the request path: that just loads).
+    published: watch::Sender<u64>,
+}
+
+impl Default for ConfigStore {
+    fn default() -> Self {
+        ConfigStore { current: ArcSwap::default(), published: watch::Sender::new(0) }
+    }
 }
 
 impl ConfigStore {
     pub fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Wakes on every published snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
     }
 }
 
@@ -113,6 +128,7 @@ impl Applier {
         next.synced.insert(update.type_url);
         let next = Arc::new(next);
         self.store.current.store(Arc::clone(&next));
+        self.store.published.send_replace(next.generation);
         Ok(next)
     }
 }
