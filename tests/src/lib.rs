@@ -1,1 +1,271 @@
-//! End-to-end tests live in tests/.
+//! Harness for the end-to-end tests: starts the real `neutrino-*` binaries on free
+//! loopback ports, reads their admin endpoints, and waits for conditions (polling an
+//! observable state with a deadline, never sleeping a fixed time).
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`); the README's
+//! test command does that.
+
+#![allow(clippy::unwrap_used, missing_debug_implementations)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// Path of a workspace binary next to the test executable's target directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not found: run `cargo build --workspace --bins` before the tests", path.display());
+    path
+}
+
+/// A free loopback port (bound then released; the race with other tests is negligible
+/// because the kernel does not hand out the same ephemeral port again at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("addr").port()
+}
+
+/// A child process that is killed when dropped. Its output goes to a log file that is
+/// printed when a test fails.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[String]) -> Proc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(bin(name))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc { name: name.to_string(), child: Some(child), log, _dir: dir }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGKILL and reap: the process gets no chance to say goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- {} log -----\n{}", self.name, self.logs());
+        }
+    }
+}
+
+/// A mesh file in its own directory, rewritten atomically (write, then rename over).
+pub struct MeshFile {
+    dir: tempfile::TempDir,
+}
+
+impl MeshFile {
+    pub fn new(content: &str) -> MeshFile {
+        let f = MeshFile { dir: tempfile::tempdir().expect("tempdir") };
+        f.write(content);
+        f
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("mesh.yaml")
+    }
+
+    pub fn write(&self, content: &str) {
+        let tmp = self.dir.path().join(".mesh.yaml.tmp");
+        std::fs::write(&tmp, content).expect("write mesh file");
+        std::fs::rename(&tmp, self.path()).expect("rename mesh file");
+    }
+}
+
+/// A mesh of `services` services named svc-0.. with one endpoint each, whose cpu
+/// capacity is `cpu` (change it to change that service's Endpoints version).
+pub fn mesh_yaml(services: usize, cpu: &dyn Fn(usize) -> u32) -> String {
+    let mut s = String::from("services:\n");
+    for i in 0..services {
+        s.push_str(&format!(
+            "  - name: svc-{i}\n    virtualIP: 10.96.1.{i}\n    ports: [{{port: 80, targetPort: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 10.1.0.{i}, capacity: {{cpu: \"{}m\", memory: 1Gi}}}}\n",
+            cpu(i)
+        ));
+    }
+    s
+}
+
+pub struct ControlPlane {
+    pub proc: Proc,
+    pub grpc: u16,
+    pub admin: u16,
+    args: Vec<String>,
+}
+
+impl ControlPlane {
+    pub fn start(mesh: &Path, extra: &[&str]) -> ControlPlane {
+        let (grpc, admin) = (free_port(), free_port());
+        let mut args = vec![
+            "--mesh-file".to_string(),
+            mesh.display().to_string(),
+            "--grpc-addr".into(),
+            format!("127.0.0.1:{grpc}"),
+            "--admin-addr".into(),
+            format!("127.0.0.1:{admin}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        ControlPlane { proc: Proc::spawn("neutrino-control-plane", &args), grpc, admin, args }
+    }
+
+    /// Kills the process and starts a fresh one with the same arguments and ports.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        self.proc = Proc::spawn("neutrino-control-plane", &self.args);
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc)
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_for("control plane /ready", Duration::from_secs(20), || async {
+            let (code, body) = get(self.admin, "/ready").await?;
+            if code == 200 { Ok(()) } else { Err(anyhow!("{code}: {body}")) }
+        })
+        .await
+    }
+
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, text) = get(self.admin, "/metrics").await.expect("control plane /metrics");
+        metric(&text, name, labels).unwrap_or(0.0)
+    }
+}
+
+pub struct Proxy {
+    pub proc: Proc,
+    pub admin: u16,
+}
+
+impl Proxy {
+    pub fn start(control_plane_grpc: u16) -> Proxy {
+        let admin = free_port();
+        let args = vec![
+            "--control-plane".to_string(),
+            format!("127.0.0.1:{control_plane_grpc}"),
+            "--admin-addr".into(),
+            format!("127.0.0.1:{admin}"),
+            "--pod".into(),
+            "test-pod".into(),
+            "--backoff-max-ms".into(),
+            "500".into(),
+        ];
+        Proxy { proc: Proc::spawn("neutrino-proxy", &args), admin }
+    }
+
+    pub fn start_local(config_file: &Path) -> Proxy {
+        let admin = free_port();
+        let args = vec![
+            "--config-file".to_string(),
+            config_file.display().to_string(),
+            "--admin-addr".into(),
+            format!("127.0.0.1:{admin}"),
+        ];
+        Proxy { proc: Proc::spawn("neutrino-proxy", &args), admin }
+    }
+
+    pub async fn dump(&self) -> Value {
+        get_json(self.admin, "/config_dump").await.expect("proxy /config_dump")
+    }
+
+    pub async fn ready_code(&self) -> u16 {
+        get(self.admin, "/ready").await.map(|(c, _)| c).unwrap_or(0)
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_for("proxy /ready", Duration::from_secs(20), || async {
+            let (code, body) = get(self.admin, "/ready").await?;
+            if code == 200 { Ok(()) } else { Err(anyhow!("{code}: {body}")) }
+        })
+        .await
+    }
+}
+
+/// The version a proxy dump holds for one resource, if any.
+pub fn version(dump: &Value, kind: &str, name: &str) -> Option<String> {
+    dump["resources"][kind][name]["version"].as_str().map(str::to_string)
+}
+
+/// A per-kind counter from a proxy dump's stream status.
+pub fn stream_count(dump: &Value, kind: &str, field: &str) -> u64 {
+    dump["stream"]["types"][kind][field].as_u64().unwrap_or(0)
+}
+
+pub async fn get(port: u16, path: &str) -> Result<(u16, String)> {
+    let resp = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("GET :{port}{path}"))?;
+    let code = resp.status().as_u16();
+    Ok((code, resp.text().await?))
+}
+
+pub async fn get_json(port: u16, path: &str) -> Result<Value> {
+    let (code, body) = get(port, path).await?;
+    if code != 200 {
+        bail!("GET :{port}{path}: {code}: {body}");
+    }
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// Polls `check` until it returns Ok, or panics after `timeout` with the last error.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) if start.elapsed() > timeout => panic!("timed out after {timeout:?} waiting for {what}: {e:#}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// The value of a Prometheus sample `name{labels}` (labels as written, e.g.
+/// `kind="Service"`; empty for none).
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let want = if labels.is_empty() { name.to_string() } else { format!("{name}{{{labels}}}") };
+    text.lines().find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == want).then(|| value.parse().ok()).flatten()
+    })
+}

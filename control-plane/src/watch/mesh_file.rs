@@ -148,7 +148,13 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<MeshState, MeshFileError> {
     let shown = path.display().to_string();
     let doc: FileDoc = serde_yaml_ng::from_slice(bytes).map_err(|e| {
         let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
-        MeshFileError::Syntax { path: shown.clone(), line, column, message: e.to_string() }
+        // The location is already in front; drop serde's copy of it at the end.
+        let text = e.to_string();
+        let message = match text.rfind(" at line ") {
+            Some(i) if text[i..].contains(" column ") => text[..i].to_string(),
+            _ => text,
+        };
+        MeshFileError::Syntax { path: shown.clone(), line, column, message }
     })?;
     let text = String::from_utf8_lossy(bytes);
     let base = path.parent().unwrap_or(Path::new("."));
