@@ -1,1 +1,48 @@
-fn main() {}
+//! `neutrino`: the command-line tool. Subcommands are thin: each reads or starts real
+//! components and prints what it finds.
+
+mod demo;
+mod show;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "neutrino", version, about = "Neutrino service mesh command-line tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the local demo mesh: a control plane and a proxy on a mesh file, and print
+    /// what the proxy received.
+    Demo {
+        /// The mesh file (format: docs/mesh-file.md).
+        #[arg(long, default_value = "examples/mesh.yaml")]
+        mesh_file: PathBuf,
+        /// Keep the mesh running until Ctrl-C instead of exiting after the report.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Print the config a running proxy holds (from its admin /config_dump).
+    Config {
+        /// The proxy's admin address.
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Demo { mesh_file, keep_running } => demo::run(&mesh_file, keep_running).await,
+        Command::Config { admin } => {
+            let dump = show::fetch(&admin).await?;
+            print!("{}", show::render(&dump));
+            Ok(())
+        }
+    }
+}

@@ -64,7 +64,10 @@ async fn a_mesh_file_edit_reaches_the_proxy_within_a_second() {
     let took = edited.elapsed();
     assert!(took < SECOND, "edit took {took:?} to reach the proxy");
     // Only what changed was pushed.
-    assert_eq!(stream_count(&dump, "Endpoints", "resources_received"), stream_count(&before, "Endpoints", "resources_received") + 1);
+    assert_eq!(
+        stream_count(&dump, "Endpoints", "resources_received"),
+        stream_count(&before, "Endpoints", "resources_received") + 1
+    );
     assert_eq!(stream_count(&dump, "Service", "responses"), stream_count(&before, "Service", "responses"));
     assert_eq!(version(&dump, "Endpoints", "default/svc-0"), version(&before, "Endpoints", "default/svc-0"));
 }

@@ -36,8 +36,12 @@ impl RawStream {
     }
 
     async fn ack(&self, r: &DiscoveryResponse) {
-        self.send(DiscoveryRequest { type_url: r.type_url.clone(), response_nonce: r.nonce.clone(), ..Default::default() })
-            .await;
+        self.send(DiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await;
     }
 
     async fn send(&self, req: DiscoveryRequest) {

@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 use neutrino_proto::{Resource, type_url};
+use tokio::sync::watch;
 
 pub use validate::Problem;
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Every test, from a fresh machine: installs what the tests need, checks formatting and
+# lints, builds the binaries the end-to-end tests start, then runs all tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\n== %s ==\n' "$*"; }
+
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+if ! cargo nextest --version >/dev/null 2>&1; then
+  step "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+
+step "format"
+cargo fmt --all --check
+step "lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "build binaries for the end-to-end tests"
+cargo build --workspace --bins --locked
+step "test"
+cargo nextest run --workspace --locked --no-fail-fast
