@@ -48,9 +48,10 @@ async fn wait_ready(what: &str, url: &str, procs: &mut [&mut Running]) -> anyhow
             }
         }
         if let Ok(r) = client.get(url).timeout(Duration::from_secs(1)).send().await
-            && r.status().is_success() {
-                return Ok(());
-            }
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
         if started.elapsed() > Duration::from_secs(30) {
             bail!("{what} not ready after 30 s ({url}); are ports 15010, 15014 and 15020 free?");
         }

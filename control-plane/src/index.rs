@@ -68,8 +68,12 @@ pub fn spawn(
                     Some(SourceEvent::Failed(why)) => {
                         tracing::error!("discovery: {why}");
                         metrics.source_errors.inc();
-                        // A failed read supersedes a pending good one only in the status:
-                        // the last good view (published or pending) is what we serve.
+                        // The source's latest word is that it has no valid view: drop any
+                        // pending one (it may be a half-written file that happened to
+                        // parse) and keep serving the last published view.
+                        if pending.take().is_some() {
+                            timer = Debounce::new(debounce.quiet, debounce.max_delay);
+                        }
                         let mut s = SourceStatus::clone(&status.load());
                         s.last_error = Some(why);
                         status.store(Arc::new(s));

@@ -20,7 +20,8 @@ pub struct ServiceModel {
     pub ports: Vec<PortModel>,
     pub virtual_ips: Vec<IpAddr>,
     pub hostnames: Vec<String>,
-    /// Where the service's OpenAPI document lives (resolved to an absolute path).
+    /// Where the service's OpenAPI document lives (relative paths in a mesh file are
+    /// resolved against the file's directory).
     pub openapi: Option<PathBuf>,
     pub endpoints: Vec<EndpointModel>,
 }
@@ -63,9 +64,10 @@ pub fn service_key(namespace: &str, name: &str) -> String {
 }
 
 /// The names a service answers to by default, as Kubernetes DNS would give them.
+/// The bare `<name>` is not among them: it means different services in different
+/// namespaces, so a proxy resolves it against its own namespace.
 pub fn default_hostnames(namespace: &str, name: &str) -> Vec<String> {
     vec![
-        name.to_string(),
         format!("{name}.{namespace}"),
         format!("{name}.{namespace}.svc"),
         format!("{name}.{namespace}.svc.cluster.local"),

@@ -99,6 +99,17 @@ async fn an_invalid_mesh_file_is_reported_with_its_line_and_the_last_good_state_
     late.wait_ready().await;
     assert_eq!(late.dump().await["resources"], before["resources"]);
 
+    // A truncated file (what an in-place rewrite looks like halfway) is not an empty mesh.
+    std::fs::write(mesh.path(), "").unwrap();
+    wait_for("the control plane to report the empty file", 5 * SECOND, || async {
+        let d = get_json(cp.admin, "/config_dump").await?;
+        let e = d["source"]["last_error"].as_str().unwrap_or_default().to_string();
+        ensure!(e.contains("the file is empty"), "{e}");
+        Ok(())
+    })
+    .await;
+    assert_eq!(proxy.dump().await["resources"], before["resources"], "nothing removed");
+
     // Fixing the file clears the error.
     mesh.write(&mesh_yaml(2, &|_| 2000));
     wait_for("the fix to be published", 5 * SECOND, || async {

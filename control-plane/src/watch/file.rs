@@ -11,6 +11,10 @@ use tokio::sync::mpsc;
 use super::SourceEvent;
 use super::mesh_file;
 
+/// Quiet time after the last change notification before the file is read.
+const SETTLE: Duration = Duration::from_millis(20);
+const MAX_SETTLE: Duration = Duration::from_millis(500);
+
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
@@ -61,6 +65,18 @@ impl FileSource {
         loop {
             match tokio::fs::read(&self.path).await {
                 Ok(bytes) if last.as_deref() == Some(bytes.as_slice()) => {}
+                Ok(bytes) if bytes.is_empty() => {
+                    // Usually a writer that truncated and has not written yet; an
+                    // intended empty mesh is spelled `services: []`. Never publish it.
+                    last = Some(bytes);
+                    let msg = format!(
+                        "{}: the file is empty (mid-write?); keeping the last good state. To remove every service write `services: []`",
+                        self.path.display()
+                    );
+                    if events.send(SourceEvent::Failed(msg)).await.is_err() {
+                        return;
+                    }
+                }
                 Ok(bytes) => {
                     let event = match mesh_file::parse(&self.path, &bytes) {
                         Ok(mesh) => SourceEvent::Updated(mesh),
@@ -86,6 +102,16 @@ impl FileSource {
                 t = tick_rx.recv() => if t.is_none() { return },
                 () = tokio::time::sleep(poll) => {}
                 () = events.closed() => return,
+            }
+            // Let a writer finish: read once events have been quiet for SETTLE (but no
+            // later than MAX_SETTLE), not halfway through an in-place rewrite.
+            let settle_until = tokio::time::Instant::now() + MAX_SETTLE;
+            loop {
+                tokio::select! {
+                    t = tick_rx.recv() => if t.is_none() { return },
+                    () = tokio::time::sleep(SETTLE) => break,
+                    () = tokio::time::sleep_until(settle_until) => break,
+                }
             }
         }
     }

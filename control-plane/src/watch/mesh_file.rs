@@ -160,6 +160,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<MeshState, MeshFileError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let mut mesh = MeshState::default();
     let mut claimed: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
+    let mut hostnames: BTreeMap<String, String> = BTreeMap::new();
     for (i, svc) in doc.services.into_iter().enumerate() {
         let line = line_of_service(&text, i);
         let what = format!("services[{i}] ({}/{})", svc.namespace, svc.name);
@@ -175,6 +176,15 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<MeshState, MeshFileError> {
                         p.port
                     )));
                 }
+            }
+        }
+        for h in &service.hostnames {
+            if let Some(other) = hostnames.insert(h.clone(), key.clone())
+                && other != key
+            {
+                return Err(invalid(format!(
+                    "hostname {h} is already used by {other}; each hostname names one service"
+                )));
             }
         }
         if mesh.services.insert(key.clone(), service).is_some() {
@@ -336,7 +346,7 @@ services:
         assert!(!orders.endpoints[1].ready);
         let users = &mesh.services["default/users"];
         assert_eq!(users.ports[0].target_port, 9000);
-        assert_eq!(users.hostnames[3], "users.default.svc.cluster.local");
+        assert_eq!(users.hostnames, ["users.default", "users.default.svc", "users.default.svc.cluster.local"]);
     }
 
     #[test]
@@ -377,6 +387,15 @@ services:
         let bad = GOOD.replace("    ports: [{port: 9000}]", "    virtualIP: 10.96.0.10\n    ports: [{port: 80}]");
         let e = parse_str(&bad).expect_err("vip clash").to_string();
         assert!(e.contains("already used by shop/orders"), "{e}");
+    }
+
+    #[test]
+    fn the_same_name_in_two_namespaces_is_fine_but_a_shared_hostname_is_not() {
+        let two = format!("{GOOD}  - name: users\n    namespace: shop\n    ports: [{{port: 9000}}]\n");
+        parse_str(&two).expect("users in default and in shop");
+        let clash = format!("{two}  - name: other\n    hostnames: [users.shop]\n    ports: [{{port: 1}}]\n");
+        let e = parse_str(&clash).expect_err("hostname clash").to_string();
+        assert!(e.contains("hostname users.shop is already used by shop/users"), "{e}");
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub async fn run(path: PathBuf, applier: Applier, status: Arc<ArcSwap<StreamStat
         let current = applier.current();
         let mut types = translate::config(&mesh);
         types.extend(translate::capacity(&mesh));
-        let mut errors = Vec::new();
+        let mut updates = Vec::new();
         for (type_url, wanted) in types {
             let held = current.resources(type_url);
             let upserts = wanted
@@ -41,17 +41,20 @@ pub async fn run(path: PathBuf, applier: Applier, status: Arc<ArcSwap<StreamStat
                 .collect();
             let removed =
                 held.map(|h| h.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect()).unwrap_or_default();
-            if let Err(problems) = applier.apply(Update { type_url: type_url.to_string(), upserts, removed }) {
-                errors.extend(problems.iter().map(ToString::to_string));
-            }
+            updates.push(Update { type_url: type_url.to_string(), upserts, removed });
         }
-        if errors.is_empty() {
-            tracing::info!(file = %shown, generation = applier.current().generation, "config: applied local config");
-            set_error(&status, None::<String>);
-        } else {
-            let why = format!("{shown}: rejected: {}", errors.join("; "));
-            tracing::error!("config: {why}");
-            set_error(&status, why);
+        // All types at once, so a rejected Service never leaves new Endpoints behind.
+        match applier.apply_all(updates) {
+            Ok(snapshot) => {
+                tracing::info!(file = %shown, generation = snapshot.generation, "config: applied local config");
+                set_error(&status, None::<String>);
+            }
+            Err(problems) => {
+                let reasons: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                let why = format!("{shown}: rejected, keeping the last good config: {}", reasons.join("; "));
+                tracing::error!("config: {why}");
+                set_error(&status, why);
+            }
         }
     }
 }

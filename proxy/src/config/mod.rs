@@ -105,32 +105,55 @@ impl Applier {
     /// Validates `update` against the current snapshot and publishes the result, or
     /// returns every problem and leaves the snapshot as it was.
     pub fn apply(&self, update: Update) -> Result<Arc<Snapshot>, Vec<Problem>> {
+        self.apply_all(vec![update])
+    }
+
+    /// Like [`Applier::apply`] for several types at once: all are applied, or none.
+    pub fn apply_all(&self, updates: Vec<Update>) -> Result<Arc<Snapshot>, Vec<Problem>> {
         let current = self.store.load();
-        let mut map = current.resources(&update.type_url).cloned().unwrap_or_default();
-        for name in &update.removed {
-            map.remove(name);
+        let mut next = Snapshot::clone(&current);
+        let mut problems = Vec::new();
+        for update in updates {
+            next = match candidate(next, update) {
+                Ok(n) => n,
+                Err((n, p)) => {
+                    problems.extend(p);
+                    n
+                }
+            };
         }
-        for r in &update.upserts {
-            map.insert(r.name.clone(), Arc::new(r.clone()));
-        }
-        let services_after = if update.type_url == type_url::SERVICE {
-            map.clone()
-        } else {
-            current.resources(type_url::SERVICE).cloned().unwrap_or_default()
-        };
-        let problems = validate::check(&update.type_url, &update.upserts, &services_after);
         if !problems.is_empty() {
             return Err(problems);
         }
-        let mut next = Snapshot::clone(&current);
-        next.generation += 1;
-        next.types.insert(update.type_url.clone(), Arc::new(map));
-        next.synced.insert(update.type_url);
+        next.generation = current.generation + 1;
         let next = Arc::new(next);
         self.store.current.store(Arc::clone(&next));
         self.store.published.send_replace(next.generation);
         Ok(next)
     }
+}
+
+/// `base` with `update` applied, or `base` unchanged and the problems found.
+fn candidate(mut base: Snapshot, update: Update) -> Result<Snapshot, (Snapshot, Vec<Problem>)> {
+    let mut map = base.resources(&update.type_url).cloned().unwrap_or_default();
+    for name in &update.removed {
+        map.remove(name);
+    }
+    for r in &update.upserts {
+        map.insert(r.name.clone(), Arc::new(r.clone()));
+    }
+    let services_after = if update.type_url == type_url::SERVICE {
+        map.clone()
+    } else {
+        base.resources(type_url::SERVICE).cloned().unwrap_or_default()
+    };
+    let problems = validate::check(&update.type_url, &update.upserts, &services_after);
+    if !problems.is_empty() {
+        return Err((base, problems));
+    }
+    base.types.insert(update.type_url.clone(), Arc::new(map));
+    base.synced.insert(update.type_url);
+    Ok(base)
 }
 
 #[cfg(test)]
@@ -172,6 +195,18 @@ mod tests {
         assert_eq!(now.generation, good.generation);
         assert_eq!(now.versions(type_url::ENDPOINTS), good.versions(type_url::ENDPOINTS));
         assert!(now.resources(type_url::ENDPOINTS).expect("map").contains_key("d/a"));
+    }
+
+    #[test]
+    fn apply_all_is_all_or_nothing() {
+        let applier = Applier::new(Arc::default());
+        let services = Update { type_url: type_url::SERVICE.into(), ..Default::default() };
+        let err = applier.apply_all(vec![services.clone(), update(vec![eps("d/a", "bogus")], &[])]);
+        assert!(err.is_err());
+        assert_eq!(applier.current().generation, 0, "the valid Service update was not applied alone");
+        let ok = applier.apply_all(vec![services, update(vec![eps("d/a", "10.0.0.1")], &[])]).expect("valid");
+        assert_eq!(ok.generation, 1, "one snapshot for the whole set");
+        assert!(ok.is_ready());
     }
 
     #[test]
