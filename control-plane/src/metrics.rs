@@ -31,6 +31,7 @@ pub struct Metrics {
     pub snapshot_generation: Gauge,
     pub snapshots_published: Counter,
     pub source_errors: Counter,
+    pub openapi_errors: Counter,
 }
 
 impl Metrics {
@@ -46,6 +47,7 @@ impl Metrics {
         r.register("snapshot_generation", "Generation of the published snapshot", self.snapshot_generation.clone());
         r.register("snapshots_published", "Snapshots published after debouncing", self.snapshots_published.clone());
         r.register("source_errors", "Discovery source reads that failed", self.source_errors.clone());
+        r.register("openapi_errors", "OpenAPI documents that failed to read or parse", self.openapi_errors.clone());
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);

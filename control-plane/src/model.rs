@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::sync::Arc;
 
 use neutrino_proto::Protocol;
 
@@ -11,7 +11,13 @@ use neutrino_proto::Protocol;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MeshState {
     pub services: BTreeMap<String, ServiceModel>,
+    /// OpenAPI documents by origin (see [`ServiceModel::openapi`]), as the source read
+    /// them: the bytes, or why they could not be read.
+    pub specs: BTreeMap<String, SpecContent>,
 }
+
+/// A document's bytes, or why the source could not get them.
+pub type SpecContent = Result<Arc<[u8]>, String>;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceModel {
@@ -20,9 +26,10 @@ pub struct ServiceModel {
     pub ports: Vec<PortModel>,
     pub virtual_ips: Vec<IpAddr>,
     pub hostnames: Vec<String>,
-    /// Where the service's OpenAPI document lives (relative paths in a mesh file are
-    /// resolved against the file's directory).
-    pub openapi: Option<PathBuf>,
+    /// Where the service's OpenAPI document comes from: a key of [`MeshState::specs`]
+    /// (for the file source, the document's path, resolved against the mesh file's
+    /// directory).
+    pub openapi: Option<String>,
     pub endpoints: Vec<EndpointModel>,
 }
 

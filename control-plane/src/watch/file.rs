@@ -1,23 +1,41 @@
-//! Watch step for local mode: reads the mesh file, and reads it again whenever it
-//! changes on disk (editors that write in place and those that rename over it alike).
-//! It must not decide anything about the content beyond parsing it.
+//! Watch step for local mode: reads the mesh file and the OpenAPI documents it names,
+//! and reads them again whenever one changes on disk (editors that write in place and
+//! those that rename over it alike). It must not decide anything about the content
+//! beyond parsing the mesh file.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::SourceEvent;
 use super::mesh_file;
+use crate::model::MeshState;
 
-/// Quiet time after the last change notification before the file is read.
+/// Quiet time after the last change notification before files are read.
 const SETTLE: Duration = Duration::from_millis(20);
 const MAX_SETTLE: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
+}
+
+/// What was read last time, to skip work when nothing changed.
+#[derive(PartialEq)]
+struct Read {
+    mesh: Vec<u8>,
+    specs: BTreeMap<String, Result<Arc<[u8]>, String>>,
+}
+
+fn dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 impl FileSource {
@@ -31,71 +49,29 @@ impl FileSource {
 
     pub async fn run(self, events: mpsc::Sender<SourceEvent>) {
         let (tick_tx, mut tick_rx) = mpsc::channel::<()>(1);
-        // Watch the directory, not the file: an editor's rename-over replaces the inode,
-        // which would silently end a watch on the file itself.
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let file_name = self.path.file_name().map(|n| n.to_os_string());
-        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let relevant = match &res {
-                Ok(ev) => ev.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == file_name),
-                Err(_) => true,
-            };
-            if relevant {
-                // A full channel already holds a pending re-read: dropping is correct.
-                let _ = tick_tx.try_send(());
-            }
-        });
-        let _watcher = match watcher.and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w)) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                let msg = format!(
-                    "cannot watch {} for changes: {e}; edits will be picked up every 2 s instead",
-                    dir.display()
-                );
-                tracing::warn!("{msg}");
-                None
-            }
-        };
-        let poll = if _watcher.is_some() { Duration::from_secs(3600) } else { Duration::from_secs(2) };
+        // Watch directories, not files: an editor's rename-over replaces the inode, which
+        // would silently end a watch on the file itself. Any event in a watched
+        // directory triggers a re-read; unchanged bytes are then skipped.
+        let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+            // A full channel already holds a pending re-read: dropping is correct.
+            let _ = tick_tx.try_send(());
+        })
+        .map_err(|e| tracing::warn!("cannot watch files for changes ({e}); re-reading every 2 s instead"))
+        .ok();
+        let mut watched = BTreeSet::new();
+        let poll = if watcher.is_some() { Duration::from_secs(3600) } else { Duration::from_secs(2) };
+        watch_dir(&mut watcher, &mut watched, dir_of(&self.path));
 
-        let mut last: Option<Vec<u8>> = None;
+        let mut last: Option<Read> = None;
         loop {
-            match tokio::fs::read(&self.path).await {
-                Ok(bytes) if last.as_deref() == Some(bytes.as_slice()) => {}
-                Ok(bytes) if bytes.is_empty() => {
-                    // Usually a writer that truncated and has not written yet; an
-                    // intended empty mesh is spelled `services: []`. Never publish it.
-                    last = Some(bytes);
-                    let msg = format!(
-                        "{}: the file is empty (mid-write?); keeping the last good state. To remove every service write `services: []`",
-                        self.path.display()
-                    );
-                    if events.send(SourceEvent::Failed(msg)).await.is_err() {
-                        return;
+            if let Some(event) = self.read(&mut last).await {
+                if let SourceEvent::Updated(mesh) = &event {
+                    for origin in mesh.specs.keys() {
+                        watch_dir(&mut watcher, &mut watched, dir_of(Path::new(origin)));
                     }
                 }
-                Ok(bytes) => {
-                    let event = match mesh_file::parse(&self.path, &bytes) {
-                        Ok(mesh) => SourceEvent::Updated(mesh),
-                        Err(e) => SourceEvent::Failed(e.to_string()),
-                    };
-                    last = Some(bytes);
-                    if events.send(event).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    last = None;
-                    let msg = format!(
-                        "reading mesh file {}: {e}; check the path and permissions (keeping the last good state)",
-                        self.path.display()
-                    );
-                    if events.send(SourceEvent::Failed(msg)).await.is_err() {
-                        return;
-                    }
+                if events.send(event).await.is_err() {
+                    return;
                 }
             }
             tokio::select! {
@@ -103,8 +79,8 @@ impl FileSource {
                 () = tokio::time::sleep(poll) => {}
                 () = events.closed() => return,
             }
-            // Let a writer finish: read once events have been quiet for SETTLE (but no
-            // later than MAX_SETTLE), not halfway through an in-place rewrite.
+            // Let a writer finish: read once notifications have been quiet for SETTLE
+            // (but no later than MAX_SETTLE), not halfway through an in-place rewrite.
             let settle_until = tokio::time::Instant::now() + MAX_SETTLE;
             loop {
                 tokio::select! {
@@ -114,5 +90,74 @@ impl FileSource {
                 }
             }
         }
+    }
+
+    /// Reads everything; returns the event to send, or None when nothing changed.
+    async fn read(&self, last: &mut Option<Read>) -> Option<SourceEvent> {
+        let mesh = match tokio::fs::read(&self.path).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                *last = None;
+                return Some(SourceEvent::Failed(format!(
+                    "reading mesh file {}: {e}; check the path and permissions (keeping the last good state)",
+                    self.path.display()
+                )));
+            }
+        };
+        if mesh.is_empty() {
+            // Usually a writer that truncated and has not written yet; an intended empty
+            // mesh is spelled `services: []`. Never publish it.
+            let changed = last.as_ref().is_none_or(|l| !l.mesh.is_empty());
+            *last = Some(Read { mesh, specs: BTreeMap::new() });
+            return changed.then(|| {
+                SourceEvent::Failed(format!(
+                    "{}: the file is empty (mid-write?); keeping the last good state. To remove every service write `services: []`",
+                    self.path.display()
+                ))
+            });
+        }
+        let mut state = match mesh_file::parse(&self.path, &mesh) {
+            Ok(state) => state,
+            Err(e) => {
+                let changed = last.as_ref().is_none_or(|l| l.mesh != mesh);
+                *last = Some(Read { mesh, specs: BTreeMap::new() });
+                return changed.then(|| SourceEvent::Failed(e.to_string()));
+            }
+        };
+        state.specs = read_specs(&state).await;
+        let read = Read { mesh, specs: state.specs.clone() };
+        if last.as_ref() == Some(&read) {
+            return None;
+        }
+        *last = Some(read);
+        Some(SourceEvent::Updated(state))
+    }
+}
+
+async fn read_specs(state: &MeshState) -> BTreeMap<String, Result<Arc<[u8]>, String>> {
+    let mut specs = BTreeMap::new();
+    for origin in state.services.values().filter_map(|s| s.openapi.clone()) {
+        if specs.contains_key(&origin) {
+            continue;
+        }
+        let content = tokio::fs::read(&origin)
+            .await
+            .map(Arc::from)
+            .map_err(|e| format!("reading OpenAPI document {origin}: {e}; check the `openapi:` path in the mesh file"));
+        specs.insert(origin, content);
+    }
+    specs
+}
+
+fn watch_dir(watcher: &mut Option<RecommendedWatcher>, watched: &mut BTreeSet<PathBuf>, dir: PathBuf) {
+    let Some(w) = watcher.as_mut() else { return };
+    if watched.contains(&dir) {
+        return;
+    }
+    match w.watch(&dir, RecursiveMode::NonRecursive) {
+        Ok(()) => {
+            watched.insert(dir);
+        }
+        Err(e) => tracing::warn!("cannot watch {} for changes: {e}; edits there need a restart", dir.display()),
     }
 }

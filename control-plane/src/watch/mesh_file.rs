@@ -256,7 +256,7 @@ fn check_service(svc: FileService, base: &Path) -> Result<ServiceModel, String> 
         ports,
         virtual_ips,
         hostnames,
-        openapi: svc.openapi.map(|p| if p.is_absolute() { p } else { base.join(p) }),
+        openapi: svc.openapi.map(|p| if p.is_absolute() { p } else { base.join(p) }).map(|p| p.display().to_string()),
         endpoints,
     })
 }
@@ -341,7 +341,7 @@ services:
         assert_eq!(orders.ports[0].target_port, 8080);
         assert_eq!(orders.ports[0].protocol, Protocol::Http1);
         assert_eq!(orders.virtual_ips, vec!["10.96.0.10".parse::<IpAddr>().expect("ip")]);
-        assert_eq!(orders.openapi.as_deref(), Some(Path::new("/etc/neutrino/specs/orders.yaml")));
+        assert_eq!(orders.openapi.as_deref(), Some("/etc/neutrino/specs/orders.yaml"));
         assert_eq!(orders.endpoints[0].capacity, Capacity { cpu_millis: 4000, memory_bytes: 8 << 30, gpu: 1 });
         assert!(!orders.endpoints[1].ready);
         let users = &mesh.services["default/users"];

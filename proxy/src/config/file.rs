@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use neutrino_control_plane::index::specs::SpecRoutes;
 use neutrino_control_plane::translate;
 use neutrino_control_plane::watch::{SourceEvent, file::FileSource};
 use tokio::sync::mpsc;
@@ -19,6 +20,7 @@ pub async fn run(path: PathBuf, applier: Applier, status: Arc<ArcSwap<StreamStat
     status.store(Arc::new(StreamStatus { control_plane: shown.clone(), state: "local".into(), ..Default::default() }));
     let (tx, mut rx) = mpsc::channel(2);
     tokio::spawn(FileSource::new(path).run(tx));
+    let mut specs = SpecRoutes::default();
     while let Some(event) = rx.recv().await {
         let mesh = match event {
             SourceEvent::Updated(mesh) => mesh,
@@ -29,7 +31,11 @@ pub async fn run(path: PathBuf, applier: Applier, status: Arc<ArcSwap<StreamStat
             }
         };
         let current = applier.current();
-        let mut types = translate::config(&mesh);
+        let resolved = specs.resolve(&mesh);
+        for (service, why) in &resolved.errors {
+            tracing::error!(%service, "config: {why}; keeping its last good routes");
+        }
+        let mut types = translate::config(&mesh, &resolved.routes);
         types.extend(translate::capacity(&mesh));
         let mut updates = Vec::new();
         for (type_url, wanted) in types {

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+pub mod openapi;
+
 use neutrino_proto::{self as pb, Resource, resource::Body, type_url};
 
 use crate::model::{Capacity, MeshState, ServiceModel};
@@ -38,13 +40,21 @@ impl Snapshot {
     }
 }
 
-/// The config lane: `Service` and `Endpoints`.
-pub fn config(mesh: &MeshState) -> BTreeMap<&'static str, Arc<ResourceMap>> {
+/// The config lane: `Service` (with routes from `routes`, by service key) and `Endpoints`.
+pub fn config(
+    mesh: &MeshState,
+    routes: &BTreeMap<String, Arc<openapi::Routes>>,
+) -> BTreeMap<&'static str, Arc<ResourceMap>> {
     let mut services = ResourceMap::new();
     let mut endpoints = ResourceMap::new();
     for (key, svc) in &mesh.services {
-        services
-            .insert(key.clone(), Arc::new(Resource::with_content_version(key.clone(), Body::Service(service(svc)))));
+        services.insert(
+            key.clone(),
+            Arc::new(Resource::with_content_version(
+                key.clone(),
+                Body::Service(service(svc, routes.get(key).map(|r| &**r))),
+            )),
+        );
         endpoints.insert(
             key.clone(),
             Arc::new(Resource::with_content_version(key.clone(), Body::Endpoints(endpoints_of(key, svc)))),
@@ -68,7 +78,7 @@ pub fn capacity(mesh: &MeshState) -> BTreeMap<&'static str, Arc<ResourceMap>> {
     BTreeMap::from([(type_url::CAPACITY, Arc::new(map))])
 }
 
-fn service(svc: &ServiceModel) -> pb::Service {
+fn service(svc: &ServiceModel, routes: Option<&openapi::Routes>) -> pb::Service {
     pb::Service {
         name: svc.name.clone(),
         namespace: svc.namespace.clone(),
@@ -84,8 +94,8 @@ fn service(svc: &ServiceModel) -> pb::Service {
             .collect(),
         virtual_ips: svc.virtual_ips.iter().map(ToString::to_string).collect(),
         hostnames: svc.hostnames.clone(),
-        routes: Vec::new(),
-        default_cost: None,
+        routes: routes.map(|r| r.routes.clone()).unwrap_or_default(),
+        default_cost: Some(routes.map(|r| r.default_cost).unwrap_or(openapi::DEFAULT_COST)),
     }
 }
 
@@ -127,8 +137,8 @@ mod tests {
 
     #[test]
     fn unchanged_services_keep_their_versions() {
-        let before = config(&mesh("1"));
-        let after = config(&mesh("2"));
+        let before = config(&mesh("1"), &BTreeMap::new());
+        let after = config(&mesh("2"), &BTreeMap::new());
         let v = |m: &BTreeMap<&str, Arc<ResourceMap>>, t: &str, n: &str| m[t][n].version.clone();
         assert_eq!(v(&before, type_url::SERVICE, "default/a"), v(&after, type_url::SERVICE, "default/a"));
         assert_ne!(v(&before, type_url::ENDPOINTS, "default/a"), v(&after, type_url::ENDPOINTS, "default/a"));
@@ -137,7 +147,7 @@ mod tests {
 
     #[test]
     fn endpoints_carry_capacity_in_integer_units() {
-        let cfg = config(&mesh("500m"));
+        let cfg = config(&mesh("500m"), &BTreeMap::new());
         let Some(Body::Endpoints(eps)) = &cfg[type_url::ENDPOINTS]["default/a"].body else { panic!("endpoints body") };
         let cap = eps.endpoints[0].capacity.expect("capacity");
         assert_eq!((cap.cpu_millis, cap.memory_bytes), (500, 1 << 30));
@@ -145,9 +155,9 @@ mod tests {
 
     #[test]
     fn snapshot_content_comparison() {
-        let a = Snapshot { generation: 1, by_type: config(&mesh("1")) };
-        let b = Snapshot { generation: 2, by_type: config(&mesh("1")) };
-        let c = Snapshot { generation: 3, by_type: config(&mesh("3")) };
+        let a = Snapshot { generation: 1, by_type: config(&mesh("1"), &BTreeMap::new()) };
+        let b = Snapshot { generation: 2, by_type: config(&mesh("1"), &BTreeMap::new()) };
+        let c = Snapshot { generation: 3, by_type: config(&mesh("3"), &BTreeMap::new()) };
         assert!(a.same_content(&b));
         assert!(!a.same_content(&c));
     }

@@ -14,6 +14,8 @@ use crate::model::MeshState;
 use crate::translate::{self, Snapshot};
 use crate::watch::SourceEvent;
 
+pub mod specs;
+
 /// What the admin endpoints show about discovery.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SourceStatus {
@@ -22,6 +24,8 @@ pub struct SourceStatus {
     pub synced: bool,
     pub generation: u64,
     pub last_error: Option<String>,
+    /// Services whose OpenAPI document is broken; they keep their last good routes.
+    pub openapi_errors: std::collections::BTreeMap<String, String>,
     pub services: usize,
     pub endpoints: usize,
 }
@@ -55,6 +59,7 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut timer = Debounce::new(debounce.quiet, debounce.max_delay);
         let mut pending: Option<MeshState> = None;
+        let mut specs = specs::SpecRoutes::default();
         let mut generation = 0u64;
         loop {
             let deadline = timer.deadline();
@@ -84,7 +89,13 @@ pub fn spawn(
                         continue;
                     }
                     let Some(mesh) = pending.take() else { continue };
-                    let config = Snapshot { generation: generation + 1, by_type: translate::config(&mesh) };
+                    let resolved = specs.resolve(&mesh);
+                    for (service, why) in &resolved.errors {
+                        tracing::error!(%service, "index: {why}; keeping its last good routes");
+                        metrics.openapi_errors.inc();
+                    }
+                    let config =
+                        Snapshot { generation: generation + 1, by_type: translate::config(&mesh, &resolved.routes) };
                     let capacity = Snapshot { generation: generation + 1, by_type: translate::capacity(&mesh) };
                     let config_changed = !config.same_content(&config_tx.borrow());
                     let capacity_changed = !capacity.same_content(&capacity_tx.borrow());
@@ -106,6 +117,7 @@ pub fn spawn(
                     s.synced = true;
                     s.generation = generation;
                     s.last_error = None;
+                    s.openapi_errors = resolved.errors;
                     s.services = mesh.services.len();
                     s.endpoints = endpoints;
                     status.store(Arc::new(s));
