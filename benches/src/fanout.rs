@@ -34,6 +34,7 @@ use neutrino_proto::{Node, resource::Body, type_url};
 use neutrino_proxy::config::stream::StreamSettings;
 use neutrino_proxy::config::{ConfigStore, Snapshot};
 use neutrino_proxy::{ConfigSource, Handles};
+use prost::Message as _;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -97,7 +98,7 @@ async fn run(args: Args) -> Result<()> {
     let ticks = clock_ticks_per_second();
 
     let dir = tempfile::Builder::new().prefix("neutrino-fanout-").tempdir().context("creating a temp dir")?;
-    let mut mesh = MeshFile::new(dir.path().join("mesh.yaml"), args.services, args.endpoints_per_service);
+    let mut mesh = MeshFile::create(dir.path(), args.services, args.endpoints_per_service)?;
     mesh.write().await?;
     progress.say(format!(
         "mesh: {} services x {} endpoints = {} endpoints, {:.1} MiB of YAML at {}",
@@ -125,6 +126,7 @@ async fn run(args: Args) -> Result<()> {
     let mut proxies: Vec<Handles> = Vec::new();
     let mut rows = Vec::new();
     let mut change_no = 0usize;
+    let mut sizes = String::new();
     for &target in &args.proxies {
         let sync_started = Instant::now();
         let cpu_before_sync = proc_cpu_ticks(cp.pid())?;
@@ -138,6 +140,10 @@ async fn run(args: Args) -> Result<()> {
             progress.say(format!("  {}/{target} proxies synced", proxies.len()));
         }
         let sync_secs = sync_started.elapsed().as_secs_f64();
+        if sizes.is_empty() {
+            sizes = response_sizes(&proxies[0].store.load());
+            progress.say(format!("initial responses per proxy: {sizes}"));
+        }
         let sync_cpu = (proc_cpu_ticks(cp.pid())? - cpu_before_sync) as f64 / ticks;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss = proc_status_kib(cp.pid(), "VmRSS")?;
@@ -201,7 +207,7 @@ async fn run(args: Args) -> Result<()> {
     }
     drop(cp);
 
-    let report = report(&args, rss_base, &rows, started.elapsed());
+    let report = report(&args, rss_base, &sizes, &rows, started.elapsed());
     println!("\n{report}");
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -265,6 +271,10 @@ struct Row {
 #[derive(Debug)]
 struct MeshFile {
     path: PathBuf,
+    /// Where the next version is written before it is renamed over `path`: a sibling
+    /// directory (same file system), because the control plane re-reads the mesh file
+    /// on any event in its directory.
+    staging: PathBuf,
     services: usize,
     per_service: usize,
     /// (service, endpoint) -> CPU millis, for endpoints whose capacity was changed.
@@ -288,8 +298,14 @@ fn service_name(s: usize) -> String {
 }
 
 impl MeshFile {
-    fn new(path: PathBuf, services: usize, per_service: usize) -> Self {
-        MeshFile { path, services, per_service, cpu: HashMap::new(), bytes: 0 }
+    /// The mesh file `<root>/mesh/mesh.yaml`, staged in `<root>/staging`.
+    fn create(root: &Path, services: usize, per_service: usize) -> Result<Self> {
+        let (dir, staging) = (root.join("mesh"), root.join("staging"));
+        for d in [&dir, &staging] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let path = dir.join("mesh.yaml");
+        Ok(MeshFile { path, staging, services, per_service, cpu: HashMap::new(), bytes: 0 })
     }
 
     /// A distinct address and port for every endpoint.
@@ -346,12 +362,12 @@ impl MeshFile {
         }
     }
 
-    /// Writes the current content next to the file; renaming it over the file (see
-    /// [`Staged::commit`]) is the change, atomically.
+    /// Writes the current content to the staging directory; renaming it over the file
+    /// (see [`Staged::commit`]) is the change, atomically and as one file-system event.
     async fn stage(&mut self) -> Result<Staged> {
         let text = self.render();
         self.bytes = text.len();
-        let tmp = self.path.with_extension("yaml.next");
+        let tmp = self.staging.join("mesh.yaml");
         tokio::fs::write(&tmp, text).await.with_context(|| format!("writing {}", tmp.display()))?;
         Ok(Staged { tmp, path: self.path.clone() })
     }
@@ -497,6 +513,18 @@ async fn measure_change(
         }
     }
     Ok(latencies)
+}
+
+/// The size of what a proxy received on connecting, per type: resources and encoded KiB
+/// (the `DiscoveryResponse` that carried them is a few bytes per resource larger).
+fn response_sizes(s: &Snapshot) -> String {
+    let mut out = Vec::new();
+    for t in type_url::ALL {
+        let map = s.resources(t).map(|m| m.values().collect::<Vec<_>>()).unwrap_or_default();
+        let bytes: usize = map.iter().map(|r| r.encoded_len()).sum();
+        out.push(format!("{} {} ({:.0} KiB)", map.len(), type_url::short(t), bytes as f64 / 1024.0));
+    }
+    out.join(", ")
 }
 
 /// Explains why proxies did not get something in time, naming EMFILE when that is it.
@@ -745,14 +773,15 @@ impl Progress {
     }
 }
 
-fn report(args: &Args, rss_base_kib: u64, rows: &[Row], took: Duration) -> String {
+fn report(args: &Args, rss_base_kib: u64, sizes: &str, rows: &[Row], took: Duration) -> String {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let mem_gib = kib_line("/proc/meminfo", "MemTotal").map(|k| k as f64 / MIB).unwrap_or(0.0);
     let mut out = String::new();
     let _ = writeln!(
         out,
         "Mesh: {} services x {} endpoints = {} endpoints; {} changes per step (one endpoint's CPU capacity each); \
-         machine: {cores} cores, {mem_gib:.1} GiB; control plane RSS with 0 proxies: {:.1} MiB; run took {:.0} s.\n",
+         machine: {cores} cores, {mem_gib:.1} GiB; control plane RSS with 0 proxies: {:.1} MiB; initial responses \
+         per proxy: {sizes}; run took {:.0} s.\n",
         args.services,
         args.endpoints_per_service,
         args.services * args.endpoints_per_service,
@@ -820,7 +849,8 @@ mod tests {
 
     #[test]
     fn generated_mesh_has_distinct_endpoints_and_applies_changes() {
-        let mut m = MeshFile::new(PathBuf::from("m.yaml"), 3, 4);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut m = MeshFile::create(dir.path(), 3, 4).expect("mesh dirs");
         let parse = |text: String| mesh_file::parse(Path::new("m.yaml"), text.as_bytes()).expect("valid mesh");
         let before = parse(m.render());
         assert_eq!(before.services.len(), 3);

@@ -1,12 +1,18 @@
 //! The Neutrino sidecar proxy.
 //!
-//! Config path (this crate today): `config::stream` or `config::file` -> `config`
-//! (validate, publish snapshot) -> readers. The data path (accept, detect, route,
-//! select, forward, telemetry) reads those snapshots.
+//! Config path: `config::stream` or `config::file` -> `config` (validate, publish
+//! snapshot) -> `route::Mesh::compile` (the data path's view, published by one task).
+//! Data path: `accept` -> `detect` -> `route` -> `select` -> `forward`.
 
+pub mod accept;
 pub mod admin;
 pub mod config;
+pub mod detect;
+pub mod forward;
+pub mod init;
 pub mod metrics;
+pub mod route;
+pub mod select;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,8 +25,10 @@ use tokio::net::TcpListener;
 use config::stream::{StreamSettings, StreamStatus};
 use config::{Applier, ConfigStore};
 
-/// The proxy's admin port (see ARCHITECTURE.md).
+/// The proxy's ports (see ARCHITECTURE.md).
 pub const ADMIN_PORT: u16 = 15020;
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PORT: u16 = 15006;
 
 #[derive(Debug)]
 pub enum ConfigSource {
@@ -32,6 +40,11 @@ pub enum ConfigSource {
 pub struct Settings {
     pub config: ConfigSource,
     pub admin_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    /// Where inbound connections go when they were not redirected by iptables.
+    pub inbound_app_addr: Option<SocketAddr>,
+    pub data: forward::DataSettings,
 }
 
 #[derive(Debug, Error)]
@@ -72,12 +85,40 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         addr: settings.admin_addr,
         source,
     })?;
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| RunError::Bind { what, addr, source })
+    };
+    let outbound = bind("outbound listener", settings.outbound_addr).await?;
+    let inbound = bind("inbound listener", settings.inbound_addr).await?;
     let handles = start_config(settings.config);
+    let mesh = Arc::new(ArcSwap::from_pointee(route::Mesh::default()));
+    tokio::spawn(compile_mesh(Arc::clone(&handles.store), Arc::clone(&mesh)));
+    let shared =
+        Arc::new(forward::Shared { mesh, upstreams: forward::Upstreams::new(&settings.data), settings: settings.data });
+    tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));
+    tokio::spawn(accept::serve_inbound(inbound, shared, settings.inbound_app_addr));
     let state = admin::AdminState { store: handles.store, stream: handles.stream, metrics: handles.metrics };
-    tracing::info!(admin = %settings.admin_addr, "proxy started");
+    tracing::info!(
+        admin = %settings.admin_addr, outbound = %settings.outbound_addr, inbound = %settings.inbound_addr,
+        "proxy started"
+    );
     tokio::select! {
         () = neutrino_admin::serve(admin_listener, move |path| admin::handle(&state, path)) => {}
         () = shutdown => tracing::info!("shutting down"),
     }
     Ok(())
+}
+
+/// The one writer of the data path's [`route::Mesh`]: recompiles it after every
+/// published config snapshot, off the request path.
+async fn compile_mesh(store: Arc<ConfigStore>, mesh: Arc<ArcSwap<route::Mesh>>) {
+    let mut published = store.subscribe();
+    loop {
+        let snapshot = store.load();
+        let next = route::Mesh::compile(&snapshot, &mesh.load());
+        mesh.store(Arc::new(next));
+        if published.changed().await.is_err() {
+            return;
+        }
+    }
 }

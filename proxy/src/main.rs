@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use neutrino_proto::Node;
 use neutrino_proxy::config::stream::StreamSettings;
 use neutrino_proxy::{ADMIN_PORT, ConfigSource, Settings};
@@ -13,6 +13,9 @@ use neutrino_proxy::{ADMIN_PORT, ConfigSource, Settings};
 #[derive(Debug, Parser)]
 #[command(name = "neutrino-proxy", version, about = "Neutrino sidecar proxy")]
 struct Args {
+    /// Without a subcommand, runs the proxy.
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// Control plane address (host:port). Ignored with --config-file.
     #[arg(long, env = "NEUTRINO_CONTROL_PLANE", default_value = "neutrino-control-plane.neutrino-system.svc:15010")]
     control_plane: String,
@@ -22,6 +25,18 @@ struct Args {
     /// Admin HTTP address (/live, /ready, /metrics, /config_dump).
     #[arg(long, env = "NEUTRINO_ADMIN_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT)))]
     admin_addr: SocketAddr,
+    /// Outbound listener: apps' traffic redirected by iptables, or explicit HTTP proxy use.
+    #[arg(long, env = "NEUTRINO_OUTBOUND_ADDR", default_value_t = SocketAddr::from(([127, 0, 0, 1], neutrino_proxy::OUTBOUND_PORT)))]
+    outbound_addr: SocketAddr,
+    /// Inbound listener: traffic to this pod, redirected by iptables.
+    #[arg(long, env = "NEUTRINO_INBOUND_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], neutrino_proxy::INBOUND_PORT)))]
+    inbound_addr: SocketAddr,
+    /// Where inbound connections go when iptables did not redirect them (local mode).
+    #[arg(long, env = "NEUTRINO_INBOUND_APP_ADDR")]
+    inbound_app_addr: Option<SocketAddr>,
+    /// How long a request may wait for an endpoint with room before a 503 (milliseconds).
+    #[arg(long, default_value_t = 500)]
+    queue_timeout_ms: u64,
     /// This proxy's pod (downward API), for its node identity.
     #[arg(long, env = "NEUTRINO_POD_NAME", default_value = "")]
     pod: String,
@@ -41,12 +56,22 @@ struct Args {
     log: String,
 }
 
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install (or with --cleanup remove) the nat rules that send this pod's TCP to the proxy; the init container.
+    Init(neutrino_proxy::init::InitArgs),
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("parsing --log")?)
         .init();
+    if let Some(Cmd::Init(init)) = &args.command {
+        print!("{}", neutrino_proxy::init::run(init)?);
+        return Ok(());
+    }
     let config = match args.config_file {
         Some(path) => ConfigSource::File(path),
         None => {
@@ -56,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
                 node: Node {
                     id: format!("{pod}.{}", args.namespace),
                     pod,
-                    namespace: args.namespace,
+                    namespace: args.namespace.clone(),
                     service_account: args.service_account,
                     zone: args.zone,
                 },
@@ -72,7 +97,20 @@ async fn main() -> anyhow::Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     };
-    neutrino_proxy::run(Settings { config, admin_addr: args.admin_addr }, shutdown).await?;
+    let data = neutrino_proxy::forward::DataSettings {
+        namespace: args.namespace.as_str().into(),
+        queue_timeout: Duration::from_millis(args.queue_timeout_ms),
+        ..Default::default()
+    };
+    let settings = Settings {
+        config,
+        admin_addr: args.admin_addr,
+        outbound_addr: args.outbound_addr,
+        inbound_addr: args.inbound_addr,
+        inbound_app_addr: args.inbound_app_addr,
+        data,
+    };
+    neutrino_proxy::run(settings, shutdown).await?;
     Ok(())
 }
 

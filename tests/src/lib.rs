@@ -169,33 +169,51 @@ impl ControlPlane {
 pub struct Proxy {
     pub proc: Proc,
     pub admin: u16,
+    /// Outbound listener (also the explicit HTTP proxy).
+    pub outbound: u16,
+    pub inbound: u16,
+}
+
+fn proxy_args(admin: u16, outbound: u16, inbound: u16) -> Vec<String> {
+    vec![
+        "--admin-addr".into(),
+        format!("127.0.0.1:{admin}"),
+        "--outbound-addr".into(),
+        format!("127.0.0.1:{outbound}"),
+        "--inbound-addr".into(),
+        format!("127.0.0.1:{inbound}"),
+    ]
 }
 
 impl Proxy {
     pub fn start(control_plane_grpc: u16) -> Proxy {
-        let admin = free_port();
-        let args = vec![
-            "--control-plane".to_string(),
-            format!("127.0.0.1:{control_plane_grpc}"),
-            "--admin-addr".into(),
-            format!("127.0.0.1:{admin}"),
-            "--pod".into(),
-            "test-pod".into(),
-            "--backoff-max-ms".into(),
-            "500".into(),
-        ];
-        Proxy { proc: Proc::spawn("neutrino-proxy", &args), admin }
+        Proxy::start_with(control_plane_grpc, &[])
+    }
+
+    pub fn start_with(control_plane_grpc: u16, extra: &[&str]) -> Proxy {
+        let (admin, outbound, inbound) = (free_port(), free_port(), free_port());
+        let mut args = proxy_args(admin, outbound, inbound);
+        args.extend(
+            [
+                "--control-plane",
+                &format!("127.0.0.1:{control_plane_grpc}"),
+                "--pod",
+                "test-pod",
+                "--backoff-max-ms",
+                "500",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string()),
+        );
+        Proxy { proc: Proc::spawn("neutrino-proxy", &args), admin, outbound, inbound }
     }
 
     pub fn start_local(config_file: &Path) -> Proxy {
-        let admin = free_port();
-        let args = vec![
-            "--config-file".to_string(),
-            config_file.display().to_string(),
-            "--admin-addr".into(),
-            format!("127.0.0.1:{admin}"),
-        ];
-        Proxy { proc: Proc::spawn("neutrino-proxy", &args), admin }
+        let (admin, outbound, inbound) = (free_port(), free_port(), free_port());
+        let mut args = proxy_args(admin, outbound, inbound);
+        args.extend(["--config-file".to_string(), config_file.display().to_string()]);
+        Proxy { proc: Proc::spawn("neutrino-proxy", &args), admin, outbound, inbound }
     }
 
     pub async fn dump(&self) -> Value {

@@ -1,0 +1,183 @@
+//! Accept: the proxy's listeners. Outbound (127.0.0.1:15001) takes what the pod's apps
+//! send, redirected by iptables or addressed to it as an explicit HTTP proxy; inbound
+//! (15006) takes what others send to the pod.
+//!
+//! For each connection it finds where the client was going (SO_ORIGINAL_DST), decides
+//! whether the mesh knows that destination, runs protocol detection where that is safe,
+//! and hands the connection to HTTP or TCP forwarding. Destinations the mesh does not
+//! know pass through untouched, without even being sniffed. It must not route or pick
+//! endpoints itself.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::detect::{self, Protocol, Rewind};
+use crate::forward::http::{self as fwd, ConnInfo};
+use crate::forward::{Shared, tcp};
+
+/// Where a redirected connection was going. None when it was not redirected (the
+/// client dialled the proxy itself, as an explicit proxy).
+pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let local = stream.local_addr().ok()?;
+    let dst = if local.is_ipv4() {
+        getsockopt(stream, sockopt::OriginalDst).ok().map(|sin| {
+            SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            ))
+        })
+    } else {
+        getsockopt(stream, sockopt::Ip6tOriginalDst).ok().map(|sin6| {
+            SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                0,
+                0,
+            ))
+        })
+    };
+    dst.filter(|d| *d != local)
+}
+
+/// Accepts outbound connections until the task is dropped.
+pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
+    accept_loop(listener, "outbound", move |stream| outbound(Arc::clone(&shared), stream)).await;
+}
+
+/// Accepts inbound connections until the task is dropped. `app` is where to send them
+/// when they were not redirected (local mode without iptables).
+pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, app: Option<SocketAddr>) {
+    accept_loop(listener, "inbound", move |stream| inbound(Arc::clone(&shared), stream, app)).await;
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, name: &'static str, handle: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; keep serving.
+                tracing::warn!(listener = name, "accept failed: {e}; check the open-files limit");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn outbound(shared: Arc<Shared>, mut stream: TcpStream) {
+    let dst = original_dst(&stream);
+    let mesh = shared.mesh.load_full();
+    let service = dst.and_then(|d| mesh.by_destination(d)).cloned();
+    if let (Some(d), None) = (dst, &service) {
+        // Not a mesh destination (an external API, the API server, a database):
+        // exactly what the app asked for.
+        if let Err(e) = tcp::splice(stream, d, shared.settings.connect_timeout).await {
+            tracing::debug!("outbound passthrough to {d}: {e}");
+        }
+        return;
+    }
+    let port = match (&service, dst) {
+        (Some(s), Some(d)) => s.port(d.port()).copied(),
+        _ => None,
+    };
+    let server_first = dst.is_some_and(|d| shared.settings.server_first_ports.contains(&d.port()));
+    let (protocol, prefix) = if server_first {
+        (Protocol::Tcp, bytes::Bytes::new())
+    } else {
+        match detect::detect(&mut stream, shared.settings.detect_timeout).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!("outbound: reading the first bytes failed: {e}");
+                return;
+            }
+        }
+    };
+    let io = Rewind::new(prefix, stream);
+    let conn = Arc::new(ConnInfo { original_dst: dst, service: service.clone(), port });
+    match protocol {
+        Protocol::Http1 => serve_http1(shared, conn, io).await,
+        Protocol::Http2 => serve_http2(shared, conn, io).await,
+        Protocol::Tls | Protocol::Tcp => {
+            let target = match (&service, port) {
+                (Some(s), Some(p)) => {
+                    let cost = s.routes.default_op().cost.as_array();
+                    s.endpoints.pick(&cost).ok().map(|c| s.target(&s.endpoints.endpoints[c.index], &p))
+                }
+                _ => None,
+            };
+            match target {
+                Some(t) => {
+                    if let Err(e) = tcp::splice(io, t, shared.settings.connect_timeout).await {
+                        tracing::debug!("outbound tcp to {t}: {e}");
+                    }
+                }
+                None => tracing::info!(
+                    "outbound: closing a {} connection with no destination (not HTTP, and not redirected to a mesh service)",
+                    protocol.as_str()
+                ),
+            }
+        }
+    }
+}
+
+async fn inbound(shared: Arc<Shared>, stream: TcpStream, app: Option<SocketAddr>) {
+    let target = match (original_dst(&stream), app) {
+        (Some(d), _) => {
+            let lo = if d.is_ipv4() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { IpAddr::V6(Ipv6Addr::LOCALHOST) };
+            SocketAddr::new(lo, d.port())
+        }
+        (None, Some(a)) => a,
+        (None, None) => {
+            tracing::info!("inbound: connection was not redirected and no --inbound-app-addr is set; closing");
+            return;
+        }
+    };
+    if let Err(e) = tcp::splice(stream, target, shared.settings.connect_timeout).await {
+        tracing::debug!("inbound to {target}: {e}");
+    }
+}
+
+async fn serve_http1(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Rewind<TcpStream>) {
+    let service = service_fn(move |req| {
+        let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
+        async move { Ok::<_, std::convert::Infallible>(fwd::handle(shared, conn, req).await) }
+    });
+    let result = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await;
+    if let Err(e) = result {
+        tracing::debug!("outbound http/1 connection: {e}");
+    }
+}
+
+async fn serve_http2(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Rewind<TcpStream>) {
+    let service = service_fn(move |req| {
+        let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
+        async move { Ok::<_, std::convert::Infallible>(fwd::handle(shared, conn, req).await) }
+    });
+    let result = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!("outbound h2c connection: {e}");
+    }
+}

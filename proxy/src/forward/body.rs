@@ -1,0 +1,52 @@
+//! Response bodies as the data path returns them: an upstream body that holds its
+//! request's in-flight cost until it ends, or a small local answer (errors, 503s).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::select::endpoints::InFlight;
+
+/// An upstream body; the request's cost stays on its endpoint until this ends or is
+/// dropped (client gone), whichever comes first.
+#[derive(Debug)]
+pub struct Held {
+    inner: Incoming,
+    hold: Option<InFlight>,
+}
+
+impl Held {
+    pub fn new(inner: Incoming, hold: Option<InFlight>) -> Self {
+        Held { inner, hold }
+    }
+}
+
+impl Body for Held {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
+            self.hold = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pub type ProxyBody = Either<Held, Full<Bytes>>;
+
+pub fn local(text: impl Into<Bytes>) -> ProxyBody {
+    Either::Right(Full::new(text.into()))
+}

@@ -1,0 +1,90 @@
+//! Forward: moves a request (or a raw connection) to its destination and the answer
+//! back, streaming, never buffering a body whole.
+//!
+//! `http` forwards HTTP/1.1 and HTTP/2 requests chosen by route and select; `tcp`
+//! splices opaque connections with half-close. This module holds what both share:
+//! the upstream connection pools and the data path's settings. It must not decide
+//! where a request goes: route and select do.
+
+pub mod body;
+pub mod http;
+pub mod tcp;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::route::Mesh;
+
+/// Tunables of the data path.
+#[derive(Debug, Clone)]
+pub struct DataSettings {
+    /// The proxy's namespace, to resolve bare service names in Host headers.
+    pub namespace: Arc<str>,
+    /// Time to a response's head when the route sets no timeout.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long a request may wait for an endpoint with room before a 503.
+    pub queue_timeout: Duration,
+    /// How long protocol detection waits for a client's first bytes.
+    pub detect_timeout: Duration,
+    /// Ports where the server speaks first: never sniffed.
+    pub server_first_ports: Vec<u16>,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_endpoint: usize,
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        DataSettings {
+            namespace: Arc::from("default"),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(3),
+            queue_timeout: Duration::from_millis(500),
+            detect_timeout: Duration::from_secs(5),
+            server_first_ports: crate::detect::DEFAULT_SERVER_FIRST_PORTS.to_vec(),
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle_per_endpoint: 64,
+        }
+    }
+}
+
+/// Pools of upstream connections, keyed by endpoint address (so one pool per
+/// endpoint), one client per upstream protocol.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    pub http1: Client<HttpConnector, Incoming>,
+    pub http2: Client<HttpConnector, Incoming>,
+}
+
+impl Upstreams {
+    pub fn new(s: &DataSettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(s.connect_timeout));
+        // The target is always an address we chose, never a URL from the client.
+        connector.enforce_http(true);
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(s.pool_idle_timeout)
+            .pool_max_idle_per_host(s.pool_max_idle_per_endpoint)
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(s.pool_idle_timeout)
+            .http2_only(true)
+            .build(connector);
+        Upstreams { http1, http2 }
+    }
+}
+
+/// Everything a connection handler needs, shared by all connections.
+#[derive(Debug)]
+pub struct Shared {
+    pub mesh: Arc<ArcSwap<Mesh>>,
+    pub upstreams: Upstreams,
+    pub settings: DataSettings,
+}

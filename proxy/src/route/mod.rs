@@ -1,0 +1,282 @@
+//! Route: from where a request is going to the service it is for, and (in `table`)
+//! from its method and path to the OpenAPI operation it calls.
+//!
+//! [`Mesh`] is the data path's compiled view of one config snapshot: services by
+//! virtual IP and port and by hostname, each with its route table and endpoints. It is
+//! built off the request path when a snapshot is published, reusing what did not
+//! change; lookups are plain hash-map reads. It must not do IO.
+
+pub mod table;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use neutrino_proto::{self as pb, resource::Body, type_url};
+
+use crate::config::Snapshot;
+use crate::select::endpoints::{Endpoint, EndpointLoad, EndpointSet};
+pub use table::{Cost, Operation, RouteTable};
+
+/// One service, ready for the data path.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// "<namespace>/<name>".
+    pub key: Arc<str>,
+    pub namespace: Arc<str>,
+    pub ports: Vec<PortEntry>,
+    pub routes: RouteTable,
+    pub endpoints: EndpointSet,
+    /// Versions this entry was compiled from, to reuse it when they are unchanged.
+    service_version: String,
+    endpoints_version: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortEntry {
+    pub port: u16,
+    pub target_port: u16,
+    pub protocol: pb::Protocol,
+}
+
+impl ServiceEntry {
+    pub fn port(&self, port: u16) -> Option<&PortEntry> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// Where to send a request for service port `port` on `endpoint`.
+    pub fn target(&self, endpoint: &Endpoint, port: &PortEntry) -> SocketAddr {
+        if endpoint.addr.port() == 0 { SocketAddr::new(endpoint.addr.ip(), port.target_port) } else { endpoint.addr }
+    }
+}
+
+/// The data path's view of the mesh.
+#[derive(Debug, Default)]
+pub struct Mesh {
+    services: Vec<Arc<ServiceEntry>>,
+    by_vip: HashMap<SocketAddr, u32>,
+    by_host: HashMap<Box<str>, u32>,
+    /// Endpoint load counters by (service, address), carried across snapshots.
+    loads: HashMap<(Arc<str>, SocketAddr), Arc<EndpointLoad>>,
+}
+
+impl Mesh {
+    /// The service behind a virtual IP and port, if any.
+    pub fn by_destination(&self, dst: SocketAddr) -> Option<&Arc<ServiceEntry>> {
+        self.by_vip.get(&dst).map(|&i| &self.services[i as usize])
+    }
+
+    /// The service a Host / :authority names. `host` may carry a port; a bare name is
+    /// resolved in `namespace` (the proxy's own), as Kubernetes DNS would.
+    pub fn by_host(&self, host: &str, namespace: &str) -> Option<&Arc<ServiceEntry>> {
+        let name = strip_port(host);
+        let found = |n: &str| self.by_host.get(n).map(|&i| &self.services[i as usize]);
+        if let Some(s) = found(name) {
+            return Some(s);
+        }
+        if !name.contains('.') && !name.is_empty() {
+            let mut qualified = String::with_capacity(name.len() + namespace.len() + 1);
+            qualified.push_str(name);
+            qualified.push('.');
+            qualified.push_str(namespace);
+            return found(&qualified);
+        }
+        None
+    }
+
+    pub fn services(&self) -> &[Arc<ServiceEntry>] {
+        &self.services
+    }
+
+    /// Compiles `snapshot`, reusing entries of `previous` whose versions are unchanged
+    /// and keeping every surviving endpoint's load counters.
+    pub fn compile(snapshot: &Snapshot, previous: &Mesh) -> Mesh {
+        let mut mesh = Mesh::default();
+        let reuse: HashMap<&str, &Arc<ServiceEntry>> = previous.services.iter().map(|s| (&*s.key, s)).collect();
+        let empty = Default::default();
+        let services = snapshot.resources(type_url::SERVICE).unwrap_or(&empty);
+        let endpoints = snapshot.resources(type_url::ENDPOINTS).unwrap_or(&empty);
+        for (name, res) in services {
+            let Some(Body::Service(svc)) = &res.body else { continue };
+            let eps = endpoints.get(name);
+            let eps_version = eps.map(|e| e.version.as_str()).unwrap_or("");
+            let entry = match reuse.get(name.as_str()) {
+                Some(old) if old.service_version == res.version && old.endpoints_version == eps_version => {
+                    Arc::clone(old)
+                }
+                _ => {
+                    let eps_body = eps.and_then(|e| match &e.body {
+                        Some(Body::Endpoints(b)) => Some(b),
+                        _ => None,
+                    });
+                    Arc::new(compile_service(name, &res.version, svc, eps_version, eps_body, previous))
+                }
+            };
+            let idx = mesh.services.len() as u32;
+            for vip in &svc.virtual_ips {
+                if let Ok(ip) = vip.parse::<IpAddr>() {
+                    for p in &entry.ports {
+                        mesh.by_vip.insert(SocketAddr::new(ip, p.port), idx);
+                    }
+                }
+            }
+            for h in &svc.hostnames {
+                mesh.by_host.insert(h.to_ascii_lowercase().into_boxed_str(), idx);
+            }
+            for e in &entry.endpoints.endpoints {
+                mesh.loads.insert((Arc::clone(&entry.key), e.addr), Arc::clone(&e.load));
+            }
+            mesh.services.push(entry);
+        }
+        mesh
+    }
+}
+
+fn compile_service(
+    name: &str,
+    version: &str,
+    svc: &pb::Service,
+    eps_version: &str,
+    eps: Option<&pb::Endpoints>,
+    previous: &Mesh,
+) -> ServiceEntry {
+    let key: Arc<str> = Arc::from(name);
+    let ports = svc
+        .ports
+        .iter()
+        .map(|p| PortEntry {
+            port: p.port as u16,
+            target_port: if p.target_port == 0 { p.port as u16 } else { p.target_port as u16 },
+            protocol: pb::Protocol::try_from(p.protocol).unwrap_or(pb::Protocol::Unspecified),
+        })
+        .collect();
+    let default_cost = svc.default_cost.map(Cost::from).unwrap_or_default();
+    let endpoints = eps
+        .map(|e| {
+            e.endpoints
+                .iter()
+                .filter_map(|ep| {
+                    let addr = SocketAddr::new(ep.address.parse().ok()?, ep.port as u16);
+                    let cap = ep.capacity.unwrap_or_default();
+                    let load = previous.loads.get(&(Arc::clone(&key), addr)).cloned().unwrap_or_default();
+                    Some(Endpoint {
+                        addr,
+                        capacity: [cap.cpu_millis, cap.memory_bytes, cap.gpu],
+                        ready: ep.ready,
+                        pod: Arc::from(ep.pod.as_str()),
+                        zone: Arc::from(ep.zone.as_str()),
+                        load,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ServiceEntry {
+        namespace: Arc::from(svc.namespace.as_str()),
+        key,
+        ports,
+        routes: RouteTable::compile(&svc.routes, default_cost),
+        endpoints: EndpointSet::new(endpoints),
+        service_version: version.to_string(),
+        endpoints_version: eps_version.to_string(),
+    }
+}
+
+/// "host:port" -> "host"; "[::1]:80" -> "::1"; lower-case is the caller's concern.
+pub fn strip_port(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Applier, Update};
+
+    fn snapshot(cpu: u64, extra_route: bool) -> Arc<Snapshot> {
+        let mut routes = vec![pb::Route {
+            path_template: "/a".into(),
+            method: "GET".into(),
+            operation_id: "getA".into(),
+            ..Default::default()
+        }];
+        if extra_route {
+            routes.push(pb::Route { path_template: "/b".into(), operation_id: "b".into(), ..Default::default() });
+        }
+        let svc = pb::Service {
+            name: "orders".into(),
+            namespace: "shop".into(),
+            ports: vec![pb::ServicePort { port: 80, target_port: 8080, ..Default::default() }],
+            virtual_ips: vec!["10.96.0.10".into()],
+            hostnames: vec!["orders.shop".into(), "orders.shop.svc.cluster.local".into()],
+            routes,
+            ..Default::default()
+        };
+        let eps = pb::Endpoints {
+            service: "shop/orders".into(),
+            endpoints: vec![pb::Endpoint {
+                address: "10.1.0.1".into(),
+                ready: true,
+                capacity: Some(pb::ResourceVector { cpu_millis: cpu, memory_bytes: 1, gpu: 0 }),
+                ..Default::default()
+            }],
+        };
+        let applier = Applier::new(Arc::default());
+        applier
+            .apply_all(vec![
+                Update {
+                    type_url: type_url::SERVICE.into(),
+                    upserts: vec![pb::Resource::with_content_version("shop/orders".into(), Body::Service(svc))],
+                    removed: vec![],
+                },
+                Update {
+                    type_url: type_url::ENDPOINTS.into(),
+                    upserts: vec![pb::Resource::with_content_version("shop/orders".into(), Body::Endpoints(eps))],
+                    removed: vec![],
+                },
+            ])
+            .expect("valid")
+    }
+
+    #[test]
+    fn finds_services_by_virtual_ip_and_by_host() {
+        let m = Mesh::compile(&snapshot(1000, false), &Mesh::default());
+        let vip: SocketAddr = "10.96.0.10:80".parse().expect("addr");
+        assert_eq!(&*m.by_destination(vip).expect("vip").key, "shop/orders");
+        assert!(m.by_destination("10.96.0.10:81".parse().expect("addr")).is_none());
+        assert_eq!(&*m.by_host("orders.shop:80", "x").expect("host").key, "shop/orders");
+        assert_eq!(&*m.by_host("orders", "shop").expect("bare name, own namespace").key, "shop/orders");
+        assert!(m.by_host("orders", "default").is_none(), "bare name in another namespace");
+        let s = m.by_destination(vip).expect("vip");
+        let target = s.target(&s.endpoints.endpoints[0], s.port(80).expect("port"));
+        assert_eq!(target, "10.1.0.1:8080".parse::<SocketAddr>().expect("addr"));
+    }
+
+    #[test]
+    fn load_counters_survive_config_pushes() {
+        let first = Mesh::compile(&snapshot(1000, false), &Mesh::default());
+        let load = Arc::clone(&first.services()[0].endpoints.endpoints[0].load);
+        let _held = crate::select::endpoints::InFlight::new(Arc::clone(&load), [300, 0, 0]);
+        // Unchanged: the same entry. Changed routes or capacity: a new entry, same load.
+        let same = Mesh::compile(&snapshot(1000, false), &first);
+        assert!(Arc::ptr_eq(&same.services()[0], &first.services()[0]));
+        let changed = Mesh::compile(&snapshot(2000, true), &same);
+        let e = &changed.services()[0].endpoints.endpoints[0];
+        assert_eq!(e.capacity[0], 2000);
+        assert_eq!(e.load.in_flight(), [300, 0, 0]);
+        assert_eq!(changed.services()[0].routes.len(), 2);
+    }
+
+    #[test]
+    fn authorities() {
+        assert_eq!(strip_port("a.b:8080"), "a.b");
+        assert_eq!(strip_port("[fd00::1]:80"), "fd00::1");
+        assert_eq!(strip_port("a.b"), "a.b");
+        assert_eq!(strip_port("fd00::1"), "fd00::1");
+    }
+}

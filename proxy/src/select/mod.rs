@@ -1,0 +1,315 @@
+//! Select: picks the endpoint for one request, locally, at every hop.
+//!
+//! For each endpoint, its utilization after placing the request: the load already on
+//! it (reported by the backend plus this proxy's own in-flight cost) plus the
+//! request's cost, against its capacity vector; the dominant resource counts. Only
+//! endpoints where the request fits (utilization <= 1) qualify. Among them, power of
+//! two choices: two endpoints sampled with probability proportional to their capacity,
+//! the less utilized one wins, so many proxies do not herd onto one backend. When
+//! sampling keeps missing (most endpoints full), a full scan finds the least utilized
+//! one that fits, if any.
+//!
+//! Pure: the caller supplies each endpoint's load and the random numbers. It must not
+//! read clocks, sockets or shared state.
+
+pub mod endpoints;
+
+/// Index of the capacity vector's dimensions.
+pub const DIMS: usize = 3;
+
+/// What selection needs to know about one endpoint right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Candidate {
+    /// cpu millis, memory bytes, GPUs.
+    pub capacity: [u64; DIMS],
+    /// Load already on the endpoint, in the same units.
+    pub used: [u64; DIMS],
+    /// Ready and not ejected.
+    pub eligible: bool,
+}
+
+/// Why an endpoint was chosen; goes into logs, spans and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The only eligible endpoint that fits.
+    Single,
+    /// The less utilized of two sampled endpoints.
+    TwoChoices,
+    /// Of two sampled endpoints only this one fit.
+    OnlyOneFit,
+    /// Sampling missed; a scan found the least utilized endpoint that fits.
+    Scan,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Single => "single",
+            Reason::TwoChoices => "p2c",
+            Reason::OnlyOneFit => "only-fit",
+            Reason::Scan => "scan",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Choice {
+    pub index: usize,
+    /// Utilization of the chosen endpoint with this request placed, 0..=1.
+    pub utilization: f64,
+    pub reason: Reason,
+}
+
+/// Nothing fits the request now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NoFit {
+    pub eligible: usize,
+    /// The least utilization any eligible endpoint would have with the request (above
+    /// 1), or None when no eligible endpoint has the resource at all (e.g. no GPU).
+    pub least_over: Option<f64>,
+}
+
+/// Utilization of `c` after adding `cost`: the largest used/capacity over the
+/// dimensions. None when the request needs a resource the endpoint does not have.
+pub fn utilization_after(c: &Candidate, cost: &[u64; DIMS]) -> Option<f64> {
+    let mut worst: f64 = 0.0;
+    let mut any = false;
+    for ((&cap, &used), &need) in c.capacity.iter().zip(&c.used).zip(cost) {
+        if cap == 0 {
+            if need > 0 {
+                return None;
+            }
+            continue;
+        }
+        any = true;
+        worst = worst.max(used.saturating_add(need) as f64 / cap as f64);
+    }
+    any.then_some(worst)
+}
+
+/// Cumulative sampling weights, built once per endpoint set.
+#[derive(Debug, Clone, Default)]
+pub struct Weights {
+    cumulative: Vec<u64>,
+}
+
+impl Weights {
+    /// Weight of each endpoint: its CPU capacity (memory when it has no CPU), at least 1.
+    pub fn new(capacities: impl IntoIterator<Item = [u64; DIMS]>) -> Weights {
+        let mut total = 0u64;
+        let cumulative = capacities
+            .into_iter()
+            .map(|c| {
+                let w = if c[0] > 0 { c[0] } else { (c[1] >> 20).max(1) };
+                total = total.saturating_add(w.max(1));
+                total
+            })
+            .collect();
+        Weights { cumulative }
+    }
+
+    pub fn len(&self) -> usize {
+        self.cumulative.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cumulative.is_empty()
+    }
+
+    /// The endpoint a uniform random `r` lands on.
+    fn sample(&self, r: u64) -> usize {
+        let total = self.cumulative.last().copied().unwrap_or(0);
+        if total == 0 {
+            return 0;
+        }
+        let point = r % total;
+        self.cumulative.partition_point(|&c| c <= point)
+    }
+}
+
+/// Sampling rounds before falling back to a scan.
+const ROUNDS: usize = 3;
+
+/// Picks an endpoint for a request costing `cost`. `view(i)` gives endpoint `i`'s
+/// current state; `random` yields uniform random numbers.
+pub fn pick(
+    weights: &Weights,
+    cost: &[u64; DIMS],
+    view: impl Fn(usize) -> Candidate,
+    mut random: impl FnMut() -> u64,
+) -> Result<Choice, NoFit> {
+    let n = weights.len();
+    if n == 0 {
+        return Err(NoFit { eligible: 0, least_over: None });
+    }
+    let fits = |i: usize| {
+        let c = view(i);
+        if !c.eligible {
+            return None;
+        }
+        utilization_after(&c, cost).filter(|u| *u <= 1.0)
+    };
+    if n > 1 {
+        for _ in 0..ROUNDS {
+            let a = weights.sample(random());
+            let mut b = weights.sample(random());
+            if b == a {
+                // Keep two distinct candidates without biasing toward neighbours much.
+                b = (a + 1 + (random() as usize % (n - 1))) % n;
+            }
+            match (fits(a), fits(b)) {
+                (Some(ua), Some(ub)) => {
+                    let (index, utilization) = if ub < ua { (b, ub) } else { (a, ua) };
+                    return Ok(Choice { index, utilization, reason: Reason::TwoChoices });
+                }
+                (Some(u), None) => return Ok(Choice { index: a, utilization: u, reason: Reason::OnlyOneFit }),
+                (None, Some(u)) => return Ok(Choice { index: b, utilization: u, reason: Reason::OnlyOneFit }),
+                (None, None) => {}
+            }
+        }
+    }
+    scan(n, cost, &view)
+}
+
+fn scan(n: usize, cost: &[u64; DIMS], view: &impl Fn(usize) -> Candidate) -> Result<Choice, NoFit> {
+    let mut best: Option<(usize, f64)> = None;
+    let mut fitting = 0usize;
+    let mut eligible = 0usize;
+    let mut least_over: Option<f64> = None;
+    for i in 0..n {
+        let c = view(i);
+        if !c.eligible {
+            continue;
+        }
+        eligible += 1;
+        match utilization_after(&c, cost) {
+            Some(u) if u <= 1.0 => {
+                fitting += 1;
+                if best.is_none_or(|(_, b)| u < b) {
+                    best = Some((i, u));
+                }
+            }
+            Some(u) => least_over = Some(least_over.map_or(u, |l: f64| l.min(u))),
+            None => {}
+        }
+    }
+    match best {
+        Some((index, utilization)) => {
+            let reason = if fitting == 1 && n == 1 { Reason::Single } else { Reason::Scan };
+            Ok(Choice { index, utilization, reason })
+        }
+        None => Err(NoFit { eligible, least_over }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (splitmix64) so tests are reproducible.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    fn ep(cpu: u64, mem: u64, gpu: u64) -> Candidate {
+        Candidate { capacity: [cpu, mem, gpu], used: [0; 3], eligible: true }
+    }
+
+    #[test]
+    fn utilization_is_the_dominant_dimension() {
+        let mut c = ep(1000, 1000, 0);
+        c.used = [500, 100, 0];
+        assert_eq!(utilization_after(&c, &[100, 800, 0]), Some(0.9));
+        assert_eq!(utilization_after(&c, &[0, 0, 1]), None, "no GPU at all");
+        assert_eq!(utilization_after(&ep(0, 0, 0), &[0, 0, 0]), None);
+    }
+
+    #[test]
+    fn heavy_requests_go_only_where_they_fit() {
+        let eps = [ep(1000, 2 << 30, 0), ep(2000, 4 << 30, 0), ep(4000, 8 << 30, 1)];
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let mut r = rng(7);
+        for _ in 0..1000 {
+            let c = pick(&w, &[2000, 4 << 30, 1], |i| eps[i], &mut r).expect("fits the GPU node");
+            assert_eq!(c.index, 2);
+            let c = pick(&w, &[1500, 0, 0], |i| eps[i], &mut r).expect("fits the bigger two");
+            assert_ne!(c.index, 0);
+        }
+    }
+
+    #[test]
+    fn the_less_utilized_of_two_wins() {
+        let mut busy = ep(1000, 0, 0);
+        busy.used[0] = 900;
+        let idle = ep(1000, 0, 0);
+        let eps = [busy, idle];
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let c = pick(&w, &[50, 0, 0], |i| eps[i], rng(1)).expect("fits");
+        assert_eq!((c.index, c.reason), (1, Reason::TwoChoices));
+        assert!((c.utilization - 0.05).abs() < 1e-9);
+    }
+
+    #[test]
+    fn traffic_follows_capacity_and_load_evens_out() {
+        // Place requests that never finish; the bigger endpoints take more, and
+        // utilization stays even.
+        let mut eps: Vec<Candidate> = [1000, 2000, 4000, 1000, 2000, 4000].iter().map(|&c| ep(c, 0, 0)).collect();
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let mut r = rng(3);
+        for _ in 0..1400 {
+            let snapshot = eps.clone();
+            let c = pick(&w, &[10, 0, 0], |i| snapshot[i], &mut r).expect("room left");
+            eps[c.index].used[0] += 10;
+        }
+        let utils: Vec<f64> = eps.iter().map(|e| e.used[0] as f64 / e.capacity[0] as f64).collect();
+        let (min, max) = utils.iter().fold((f64::MAX, 0f64), |(a, b), u| (a.min(*u), b.max(*u)));
+        assert!(max - min <= 0.05, "utilization spread {utils:?}");
+    }
+
+    #[test]
+    fn full_endpoints_are_skipped_and_a_scan_finds_the_last_room() {
+        let mut eps: Vec<Candidate> = (0..100).map(|_| ep(1000, 0, 0)).collect();
+        for e in eps.iter_mut() {
+            e.used[0] = 1000;
+        }
+        eps[73].used[0] = 0;
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let c = pick(&w, &[500, 0, 0], |i| eps[i], rng(5)).expect("one left");
+        assert_eq!(c.index, 73);
+        eps[73].used[0] = 800;
+        let e = pick(&w, &[500, 0, 0], |i| eps[i], rng(5)).expect_err("nothing fits");
+        assert_eq!(e.eligible, 100);
+        assert!((e.least_over.expect("over") - 1.3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ineligible_endpoints_are_never_chosen() {
+        let mut eps = [ep(1000, 0, 0), ep(1000, 0, 0), ep(1000, 0, 0)];
+        eps[0].eligible = false;
+        eps[2].eligible = false;
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let mut r = rng(9);
+        for _ in 0..200 {
+            assert_eq!(pick(&w, &[1, 0, 0], |i| eps[i], &mut r).expect("one").index, 1);
+        }
+        assert_eq!(
+            pick(&Weights::default(), &[1, 0, 0], |_| ep(1, 0, 0), &mut r),
+            Err(NoFit { eligible: 0, least_over: None })
+        );
+    }
+
+    #[test]
+    fn a_gpu_request_with_no_gpu_anywhere_says_so() {
+        let eps = [ep(1000, 0, 0), ep(1000, 0, 0)];
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let e = pick(&w, &[0, 0, 1], |i| eps[i], rng(2)).expect_err("no GPU");
+        assert_eq!(e, NoFit { eligible: 2, least_over: None });
+    }
+}
