@@ -76,6 +76,10 @@ struct Args {
     /// The control-plane binary; default: `neutrino-control-plane` next to this binary.
     #[arg(long)]
     control_plane: Option<PathBuf>,
+    /// How each change is made: `rename` a new file over the mesh file, or swap a
+    /// `symlink` to it (as Kubernetes does for ConfigMap volumes).
+    #[arg(long, value_enum, default_value_t = Update::Rename)]
+    update: Update,
     /// Write the results table (markdown) here.
     #[arg(long, default_value = "benches/results/fanout.md")]
     out: PathBuf,
@@ -98,8 +102,7 @@ async fn run(args: Args) -> Result<()> {
     let ticks = clock_ticks_per_second();
 
     let dir = tempfile::Builder::new().prefix("neutrino-fanout-").tempdir().context("creating a temp dir")?;
-    let mut mesh = MeshFile::create(dir.path(), args.services, args.endpoints_per_service)?;
-    mesh.write().await?;
+    let mut mesh = MeshFile::create(dir.path(), args.update, args.services, args.endpoints_per_service).await?;
     progress.say(format!(
         "mesh: {} services x {} endpoints = {} endpoints, {:.1} MiB of YAML at {}",
         args.services,
@@ -268,18 +271,35 @@ struct Row {
 // The mesh file
 
 /// The generated mesh file and the changes made to it so far.
+///
+/// Layout under a temp dir: `mesh/mesh.yaml` is what the control plane reads (it watches
+/// `mesh/`); new versions are written elsewhere first, so that the only event the
+/// watched directory sees per change is the final rename:
+/// - [`Update::Rename`]: `mesh/mesh.yaml` is a file; a new version is written to
+///   `staging/mesh.yaml` and renamed over it.
+/// - [`Update::Symlink`]: `mesh/mesh.yaml` is a symlink to `data/mesh-<n>.yaml`; a new
+///   version is written there and a new symlink in `staging/` is renamed over the old
+///   one (as Kubernetes updates ConfigMap volumes).
 #[derive(Debug)]
 struct MeshFile {
     path: PathBuf,
-    /// Where the next version is written before it is renamed over `path`: a sibling
-    /// directory (same file system), because the control plane re-reads the mesh file
-    /// on any event in its directory.
     staging: PathBuf,
+    data: PathBuf,
+    update: Update,
+    /// Versions written so far (names the data files in symlink mode).
+    version: usize,
     services: usize,
     per_service: usize,
     /// (service, endpoint) -> CPU millis, for endpoints whose capacity was changed.
     cpu: HashMap<(usize, usize), u64>,
     bytes: usize,
+}
+
+/// How a change reaches the mesh file; see [`MeshFile`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Update {
+    Rename,
+    Symlink,
 }
 
 /// One endpoint's capacity change, and how a proxy recognizes it.
@@ -298,14 +318,17 @@ fn service_name(s: usize) -> String {
 }
 
 impl MeshFile {
-    /// The mesh file `<root>/mesh/mesh.yaml`, staged in `<root>/staging`.
-    fn create(root: &Path, services: usize, per_service: usize) -> Result<Self> {
-        let (dir, staging) = (root.join("mesh"), root.join("staging"));
-        for d in [&dir, &staging] {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    /// Creates the directories and writes the first version.
+    async fn create(root: &Path, update: Update, services: usize, per_service: usize) -> Result<Self> {
+        let (dir, staging, data) = (root.join("mesh"), root.join("staging"), root.join("data"));
+        for d in [&dir, &staging, &data] {
+            tokio::fs::create_dir_all(d).await.with_context(|| format!("creating {}", d.display()))?;
         }
         let path = dir.join("mesh.yaml");
-        Ok(MeshFile { path, staging, services, per_service, cpu: HashMap::new(), bytes: 0 })
+        let mut mesh =
+            MeshFile { path, staging, data, update, version: 0, services, per_service, cpu: HashMap::new(), bytes: 0 };
+        mesh.stage().await?.commit()?;
+        Ok(mesh)
     }
 
     /// A distinct address and port for every endpoint.
@@ -338,13 +361,6 @@ impl MeshFile {
         out
     }
 
-    /// Writes the whole file (used once, before the control plane starts).
-    async fn write(&mut self) -> Result<()> {
-        let text = self.render();
-        self.bytes = text.len();
-        tokio::fs::write(&self.path, text).await.with_context(|| format!("writing {}", self.path.display()))
-    }
-
     /// Picks change number `n` (1-based): a different endpoint and a never-seen CPU value
     /// each time, and records it. The file is written by [`MeshFile::stage`].
     fn change(&mut self, n: usize) -> Change {
@@ -362,13 +378,29 @@ impl MeshFile {
         }
     }
 
-    /// Writes the current content to the staging directory; renaming it over the file
-    /// (see [`Staged::commit`]) is the change, atomically and as one file-system event.
+    /// Writes the current content outside the watched directory; [`Staged::commit`]
+    /// then makes it the mesh file with one rename.
     async fn stage(&mut self) -> Result<Staged> {
         let text = self.render();
         self.bytes = text.len();
         let tmp = self.staging.join("mesh.yaml");
-        tokio::fs::write(&tmp, text).await.with_context(|| format!("writing {}", tmp.display()))?;
+        match self.update {
+            Update::Rename => {
+                tokio::fs::write(&tmp, text).await.with_context(|| format!("writing {}", tmp.display()))?;
+            }
+            Update::Symlink => {
+                let target = self.data.join(format!("mesh-{}.yaml", self.version));
+                tokio::fs::write(&target, text).await.with_context(|| format!("writing {}", target.display()))?;
+                std::os::unix::fs::symlink(&target, &tmp)
+                    .with_context(|| format!("linking {} to {}", tmp.display(), target.display()))?;
+                // The version before the current one is no longer linked or read.
+                if let Some(old) = self.version.checked_sub(2) {
+                    let old = self.data.join(format!("mesh-{old}.yaml"));
+                    tokio::fs::remove_file(&old).await.with_context(|| format!("removing {}", old.display()))?;
+                }
+            }
+        }
+        self.version += 1;
         Ok(Staged { tmp, path: self.path.clone() })
     }
 }
@@ -847,25 +879,37 @@ mod tests {
         assert_eq!(percentile(&[], 50.0), Duration::ZERO);
     }
 
-    #[test]
-    fn generated_mesh_has_distinct_endpoints_and_applies_changes() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut m = MeshFile::create(dir.path(), 3, 4).expect("mesh dirs");
-        let parse = |text: String| mesh_file::parse(Path::new("m.yaml"), text.as_bytes()).expect("valid mesh");
-        let before = parse(m.render());
-        assert_eq!(before.services.len(), 3);
-        assert!(before.services.values().all(|s| s.endpoints.len() == 4));
-        let c = m.change(1);
-        let after = parse(m.render());
-        let changed: Vec<_> = after
-            .services
-            .iter()
-            .flat_map(|(k, s)| s.endpoints.iter().map(move |e| (k, e)))
-            .filter(|(_, e)| e.capacity.cpu_millis != BASE_CPU_MILLIS)
-            .collect();
-        assert_eq!(changed.len(), 1);
-        let (key, ep) = changed[0];
-        assert_eq!((key, ep.address.to_string(), u32::from(ep.port)), (&c.service, c.address, c.port));
-        assert_eq!(ep.capacity.cpu_millis, c.cpu_millis);
+    #[tokio::test]
+    async fn generated_mesh_has_distinct_endpoints_and_changes_land_in_the_watched_file() {
+        for update in [Update::Rename, Update::Symlink] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let mut m = MeshFile::create(dir.path(), update, 3, 4).await.expect("mesh file");
+            let read = |m: &MeshFile| {
+                let bytes = std::fs::read(&m.path).expect("readable");
+                mesh_file::parse(&m.path, &bytes).expect("valid mesh")
+            };
+            let before = read(&m);
+            assert_eq!(before.services.len(), 3);
+            assert!(before.services.values().all(|s| s.endpoints.len() == 4));
+            let mut c = m.change(1);
+            for n in 2..=3 {
+                m.stage().await.expect("staged").commit().expect("renamed");
+                c = m.change(n);
+            }
+            m.stage().await.expect("staged").commit().expect("renamed");
+            let after = read(&m);
+            let changed: Vec<_> = after
+                .services
+                .iter()
+                .flat_map(|(k, s)| s.endpoints.iter().map(move |e| (k, e)))
+                .filter(|(_, e)| e.capacity.cpu_millis != BASE_CPU_MILLIS)
+                .collect();
+            assert_eq!(changed.len(), 3, "{update:?}");
+            let last = changed.iter().find(|(k, _)| **k == c.service).expect("the last change").1;
+            assert_eq!((last.address.to_string(), u32::from(last.port)), (c.address.clone(), c.port));
+            assert_eq!(last.capacity.cpu_millis, c.cpu_millis);
+            let files = std::fs::read_dir(dir.path().join("data")).expect("data dir").count();
+            assert_eq!(files, if update == Update::Symlink { 2 } else { 0 }, "old versions are removed");
+        }
     }
 }

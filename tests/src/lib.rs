@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, missing_debug_implementations)]
 
+pub mod backend;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

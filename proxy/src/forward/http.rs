@@ -139,13 +139,16 @@ async fn to_service(
     let choice = loop {
         match svc.endpoints.pick(&cost) {
             Ok(c) => break c,
-            Err(nofit) if started.elapsed() >= shared.settings.queue_timeout || nofit.least_over.is_none() => {
+            Err(nofit)
+                if started.elapsed() >= shared.settings.queue_timeout || nofit.too_big || nofit.eligible == 0 =>
+            {
                 let why = match (nofit.eligible, nofit.least_over) {
                     (0, _) => format!("no ready endpoints for {}", svc.key),
-                    (n, None) => format!(
+                    (n, _) if nofit.too_big => format!(
                         "none of the {n} endpoints of {} has the resources operation {:?} needs",
                         svc.key, &*op.operation_id
                     ),
+                    (n, None) => format!("no capacity on the {n} endpoints of {}", svc.key),
                     (n, Some(u)) => format!(
                         "no capacity: the least loaded of {n} endpoints of {} would be at {:.0}% with this request",
                         svc.key,

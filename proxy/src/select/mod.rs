@@ -1,11 +1,12 @@
 //! Select: picks the endpoint for one request, locally, at every hop.
 //!
-//! For each endpoint, its utilization after placing the request: the load already on
-//! it (reported by the backend plus this proxy's own in-flight cost) plus the
-//! request's cost, against its capacity vector; the dominant resource counts. Only
-//! endpoints where the request fits (utilization <= 1) qualify. Among them, power of
-//! two choices: two endpoints sampled with probability proportional to their capacity,
-//! the less utilized one wins, so many proxies do not herd onto one backend. When
+//! For each endpoint, its utilization: the load already on it (reported by the backend
+//! plus this proxy's own in-flight cost) against its capacity vector; the dominant
+//! resource counts. Only endpoints where the request fits (utilization with the
+//! request's cost added stays <= 1) qualify. Among them, power of two choices: two
+//! endpoints sampled with probability proportional to their capacity, the less
+//! utilized one wins (ties go to the first sample, so idle fleets share work in
+//! proportion to capacity), and many proxies do not herd onto one backend. When
 //! sampling keeps missing (most endpoints full), a full scan finds the least utilized
 //! one that fits, if any.
 //!
@@ -67,6 +68,8 @@ pub struct NoFit {
     /// The least utilization any eligible endpoint would have with the request (above
     /// 1), or None when no eligible endpoint has the resource at all (e.g. no GPU).
     pub least_over: Option<f64>,
+    /// Not even an idle endpoint could take it: waiting is pointless.
+    pub too_big: bool,
 }
 
 /// Utilization of `c` after adding `cost`: the largest used/capacity over the
@@ -140,14 +143,16 @@ pub fn pick(
 ) -> Result<Choice, NoFit> {
     let n = weights.len();
     if n == 0 {
-        return Err(NoFit { eligible: 0, least_over: None });
+        return Err(NoFit { eligible: 0, least_over: None, too_big: false });
     }
+    // (utilization now, utilization with the request) when the request fits.
     let fits = |i: usize| {
         let c = view(i);
         if !c.eligible {
             return None;
         }
-        utilization_after(&c, cost).filter(|u| *u <= 1.0)
+        let after = utilization_after(&c, cost).filter(|u| *u <= 1.0)?;
+        Some((utilization_after(&c, &[0; DIMS]).unwrap_or(0.0), after))
     };
     if n > 1 {
         for _ in 0..ROUNDS {
@@ -159,11 +164,11 @@ pub fn pick(
             }
             match (fits(a), fits(b)) {
                 (Some(ua), Some(ub)) => {
-                    let (index, utilization) = if ub < ua { (b, ub) } else { (a, ua) };
+                    let (index, utilization) = if ub.0 < ua.0 { (b, ub.1) } else { (a, ua.1) };
                     return Ok(Choice { index, utilization, reason: Reason::TwoChoices });
                 }
-                (Some(u), None) => return Ok(Choice { index: a, utilization: u, reason: Reason::OnlyOneFit }),
-                (None, Some(u)) => return Ok(Choice { index: b, utilization: u, reason: Reason::OnlyOneFit }),
+                (Some(u), None) => return Ok(Choice { index: a, utilization: u.1, reason: Reason::OnlyOneFit }),
+                (None, Some(u)) => return Ok(Choice { index: b, utilization: u.1, reason: Reason::OnlyOneFit }),
                 (None, None) => {}
             }
         }
@@ -172,21 +177,24 @@ pub fn pick(
 }
 
 fn scan(n: usize, cost: &[u64; DIMS], view: &impl Fn(usize) -> Candidate) -> Result<Choice, NoFit> {
-    let mut best: Option<(usize, f64)> = None;
-    let mut fitting = 0usize;
+    // (index, utilization now, utilization with the request)
+    let mut best: Option<(usize, f64, f64)> = None;
     let mut eligible = 0usize;
     let mut least_over: Option<f64> = None;
+    let mut could_fit_idle = false;
     for i in 0..n {
         let c = view(i);
         if !c.eligible {
             continue;
         }
         eligible += 1;
+        let idle = Candidate { used: [0; DIMS], ..c };
+        could_fit_idle |= utilization_after(&idle, cost).is_some_and(|u| u <= 1.0);
         match utilization_after(&c, cost) {
-            Some(u) if u <= 1.0 => {
-                fitting += 1;
-                if best.is_none_or(|(_, b)| u < b) {
-                    best = Some((i, u));
+            Some(after) if after <= 1.0 => {
+                let now = utilization_after(&c, &[0; DIMS]).unwrap_or(0.0);
+                if best.is_none_or(|(_, b, _)| now < b) {
+                    best = Some((i, now, after));
                 }
             }
             Some(u) => least_over = Some(least_over.map_or(u, |l: f64| l.min(u))),
@@ -194,11 +202,11 @@ fn scan(n: usize, cost: &[u64; DIMS], view: &impl Fn(usize) -> Candidate) -> Res
         }
     }
     match best {
-        Some((index, utilization)) => {
-            let reason = if fitting == 1 && n == 1 { Reason::Single } else { Reason::Scan };
+        Some((index, _, utilization)) => {
+            let reason = if n == 1 { Reason::Single } else { Reason::Scan };
             Ok(Choice { index, utilization, reason })
         }
-        None => Err(NoFit { eligible, least_over }),
+        None => Err(NoFit { eligible, least_over, too_big: !could_fit_idle }),
     }
 }
 
@@ -245,6 +253,21 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_fleet_shares_light_work_in_proportion_to_capacity() {
+        let eps = [ep(1000, 0, 0), ep(2000, 0, 0), ep(4000, 0, 0)];
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let mut r = rng(11);
+        let mut hits = [0u32; 3];
+        for _ in 0..7000 {
+            hits[pick(&w, &[100, 0, 0], |i| eps[i], &mut r).expect("fits").index] += 1;
+        }
+        for (h, share) in hits.iter().zip([1000.0, 2000.0, 4000.0]) {
+            let expected = share / 7000.0 * 7000.0;
+            assert!((f64::from(*h) - expected).abs() < expected * 0.15, "{hits:?}");
+        }
+    }
+
+    #[test]
     fn the_less_utilized_of_two_wins() {
         let mut busy = ep(1000, 0, 0);
         busy.used[0] = 900;
@@ -287,6 +310,7 @@ mod tests {
         let e = pick(&w, &[500, 0, 0], |i| eps[i], rng(5)).expect_err("nothing fits");
         assert_eq!(e.eligible, 100);
         assert!((e.least_over.expect("over") - 1.3).abs() < 1e-9);
+        assert!(!e.too_big, "it would fit an idle endpoint: worth waiting");
     }
 
     #[test]
@@ -310,6 +334,10 @@ mod tests {
         let eps = [ep(1000, 0, 0), ep(1000, 0, 0)];
         let w = Weights::new(eps.iter().map(|e| e.capacity));
         let e = pick(&w, &[0, 0, 1], |i| eps[i], rng(2)).expect_err("no GPU");
-        assert_eq!(e, NoFit { eligible: 2, least_over: None });
+        assert_eq!(e, NoFit { eligible: 2, least_over: None, too_big: true });
+        let one_gpu = [ep(1000, 0, 1)];
+        let w = Weights::new(one_gpu.iter().map(|e| e.capacity));
+        let e = pick(&w, &[0, 0, 2], |i| one_gpu[i], rng(2)).expect_err("two GPUs needed");
+        assert!(e.too_big);
     }
 }
