@@ -42,6 +42,8 @@ const NAMESPACE: &str = "bench";
 /// Capacity of every endpoint that has not been changed: `{cpu: "2", memory: 4Gi}`.
 const BASE_CPU_MILLIS: u64 = 2000;
 const MIB: f64 = 1024.0 * 1024.0;
+/// How long the idle control plane's CPU use is sampled.
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -124,7 +126,14 @@ async fn run(args: Args) -> Result<()> {
     // Let the initial parse's garbage settle before taking the baseline.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_base = proc_status_kib(cp.pid(), "VmRSS")?;
-    progress.say(format!("control plane ready; RSS with 0 proxies: {:.1} MiB", rss_base as f64 / 1024.0));
+    let idle_before = proc_cpu_ticks(cp.pid())?;
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_pct = (proc_cpu_ticks(cp.pid())? - idle_before) as f64 / ticks / IDLE_WINDOW.as_secs_f64() * 100.0;
+    progress.say(format!(
+        "control plane ready; with 0 proxies: RSS {:.1} MiB, CPU {idle_pct:.0} % of a core while nothing changes",
+        rss_base as f64 / 1024.0
+    ));
+    let baseline = Baseline { rss_kib: rss_base, idle_pct };
 
     let mut proxies: Vec<Handles> = Vec::new();
     let mut rows = Vec::new();
@@ -210,7 +219,7 @@ async fn run(args: Args) -> Result<()> {
     }
     drop(cp);
 
-    let report = report(&args, rss_base, &sizes, &rows, started.elapsed());
+    let report = report(&args, &baseline, &sizes, &rows, started.elapsed());
     println!("\n{report}");
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -246,6 +255,14 @@ fn check_args(args: &Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The control plane with no proxies connected.
+#[derive(Debug)]
+struct Baseline {
+    rss_kib: u64,
+    /// CPU use while nothing changes, in % of one core.
+    idle_pct: f64,
 }
 
 /// One published step of the table.
@@ -805,20 +822,22 @@ impl Progress {
     }
 }
 
-fn report(args: &Args, rss_base_kib: u64, sizes: &str, rows: &[Row], took: Duration) -> String {
+fn report(args: &Args, base: &Baseline, sizes: &str, rows: &[Row], took: Duration) -> String {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let mem_gib = kib_line("/proc/meminfo", "MemTotal").map(|k| k as f64 / MIB).unwrap_or(0.0);
     let mut out = String::new();
     let _ = writeln!(
         out,
         "Mesh: {} services x {} endpoints = {} endpoints; {} changes per step (one endpoint's CPU capacity each); \
-         machine: {cores} cores, {mem_gib:.1} GiB; control plane RSS with 0 proxies: {:.1} MiB; initial responses \
-         per proxy: {sizes}; run took {:.0} s.\n",
+         changes made by {:?}; machine: {cores} cores, {mem_gib:.1} GiB; control plane with 0 proxies: RSS {:.1} MiB, \
+         {:.0} % of a core while nothing changes; initial responses per proxy: {sizes}; run took {:.0} s.\n",
         args.services,
         args.endpoints_per_service,
         args.services * args.endpoints_per_service,
         args.changes,
-        rss_base_kib as f64 / 1024.0,
+        args.update,
+        base.rss_kib as f64 / 1024.0,
+        base.idle_pct,
         took.as_secs_f64()
     );
     out.push_str(

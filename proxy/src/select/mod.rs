@@ -325,7 +325,7 @@ mod tests {
         }
         assert_eq!(
             pick(&Weights::default(), &[1, 0, 0], |_| ep(1, 0, 0), &mut r),
-            Err(NoFit { eligible: 0, least_over: None })
+            Err(NoFit { eligible: 0, least_over: None, too_big: false })
         );
     }
 
