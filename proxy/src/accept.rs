@@ -114,7 +114,7 @@ async fn outbound(shared: Arc<Shared>, mut stream: TcpStream) {
             let target = match (&service, port) {
                 (Some(s), Some(p)) => {
                     let cost = s.routes.default_op().cost.as_array();
-                    s.endpoints.pick(&cost).ok().map(|c| s.target(&s.endpoints.endpoints[c.index], &p))
+                    s.endpoints.pick(&cost, None).ok().map(|c| s.target(&s.endpoints.endpoints[c.index], &p))
                 }
                 _ => None,
             };

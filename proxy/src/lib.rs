@@ -93,8 +93,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let handles = start_config(settings.config);
     let mesh = Arc::new(ArcSwap::from_pointee(route::Mesh::default()));
     tokio::spawn(compile_mesh(Arc::clone(&handles.store), Arc::clone(&mesh)));
-    let shared =
-        Arc::new(forward::Shared { mesh, upstreams: forward::Upstreams::new(&settings.data), settings: settings.data });
+    let shared = Arc::new(forward::Shared {
+        mesh,
+        upstreams: forward::Upstreams::new(&settings.data),
+        settings: settings.data,
+        retry_budget: Default::default(),
+    });
     tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));
     tokio::spawn(accept::serve_inbound(inbound, shared, settings.inbound_app_addr));
     let state = admin::AdminState { store: handles.store, stream: handles.stream, metrics: handles.metrics };

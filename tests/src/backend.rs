@@ -25,6 +25,14 @@ pub struct Backend {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// How a backend behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// Every request gets a 503, as from an overloaded app.
+    Failing,
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();
@@ -33,6 +41,10 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
+        Backend::start_with(name, Mode::Normal).await
+    }
+
+    pub async fn start_with(name: &str, mode: Mode) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
         let port = listener.local_addr().expect("addr").port();
         let served = Arc::new(AtomicU64::new(0));
@@ -42,7 +54,7 @@ impl Backend {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let (n, count) = (n.clone(), Arc::clone(&count));
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| answer(n.clone(), Arc::clone(&count), req));
+                    let svc = service_fn(move |req| answer(n.clone(), Arc::clone(&count), mode, req));
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
@@ -60,6 +72,7 @@ impl Backend {
 async fn answer(
     name: String,
     count: Arc<AtomicU64>,
+    mode: Mode,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     count.fetch_add(1, Ordering::Relaxed);
@@ -81,7 +94,7 @@ async fn answer(
             Err(_) => break,
         }
     }
-    let mut status = StatusCode::OK;
+    let mut status = if mode == Mode::Failing { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }

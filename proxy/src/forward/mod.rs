@@ -8,13 +8,14 @@
 
 pub mod body;
 pub mod http;
+pub mod retry;
 pub mod tcp;
+pub mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -58,8 +59,8 @@ impl Default for DataSettings {
 /// endpoint), one client per upstream protocol.
 #[derive(Debug, Clone)]
 pub struct Upstreams {
-    pub http1: Client<HttpConnector, Incoming>,
-    pub http2: Client<HttpConnector, Incoming>,
+    pub http1: Client<HttpConnector, upstream::UpstreamBody>,
+    pub http2: Client<HttpConnector, upstream::UpstreamBody>,
 }
 
 impl Upstreams {
@@ -87,4 +88,5 @@ pub struct Shared {
     pub mesh: Arc<ArcSwap<Mesh>>,
     pub upstreams: Upstreams,
     pub settings: DataSettings,
+    pub retry_budget: retry::RetryBudget,
 }

@@ -8,18 +8,34 @@
 //! Nothing here blocks or locks.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use super::{Candidate, Choice, DIMS, NoFit, Weights};
 
-/// Live load of one endpoint.
+/// Milliseconds on a monotonic clock private to this process.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Passive outlier ejection: this many consecutive failures eject an endpoint...
+pub const EJECT_AFTER_FAILURES: u32 = 5;
+/// ...for this long times the number of times it was ejected in a row (capped).
+pub const EJECT_BASE: Duration = Duration::from_secs(10);
+const EJECT_MAX_FACTOR: u32 = 6;
+
+/// Live load and health of one endpoint.
 #[derive(Debug, Default)]
 pub struct EndpointLoad {
     in_flight: [AtomicU64; DIMS],
     /// Load the backend last reported, in capacity units (Capacity lane; 0 = none).
     reported: [AtomicU64; DIMS],
     requests_in_flight: AtomicU64,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    ejected_until_ms: AtomicU64,
 }
 
 impl EndpointLoad {
@@ -35,6 +51,34 @@ impl EndpointLoad {
 
     pub fn requests_in_flight(&self) -> u64 {
         self.requests_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Ejected endpoints take no new requests until their ejection ends.
+    pub fn ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a failure (connect error, reset, 502/503/504 from the upstream itself);
+    /// returns true when this failure ejected the endpoint.
+    pub fn record_failure(&self, now_ms: u64) -> bool {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < EJECT_AFTER_FAILURES || self.ejected(now_ms) {
+            return false;
+        }
+        let times = (self.ejections.fetch_add(1, Ordering::Relaxed) + 1).min(EJECT_MAX_FACTOR);
+        let until = now_ms + EJECT_BASE.as_millis() as u64 * u64::from(times);
+        self.ejected_until_ms.store(until, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        true
     }
 
     pub fn set_reported(&self, used: [u64; DIMS]) {
@@ -95,15 +139,79 @@ impl EndpointSet {
     }
 
     /// Chooses an endpoint for a request costing `cost`, with the thread's fast RNG.
-    pub fn pick(&self, cost: &[u64; DIMS]) -> Result<Choice, NoFit> {
-        super::pick(
-            &self.weights,
-            cost,
-            |i| {
-                let e = &self.endpoints[i];
-                Candidate { capacity: e.capacity, used: e.load.used(), eligible: e.ready }
-            },
-            rand::random::<u64>,
+    /// `avoid` (an endpoint that just failed this request) is skipped when others can
+    /// take it.
+    pub fn pick(&self, cost: &[u64; DIMS], avoid: Option<usize>) -> Result<Choice, NoFit> {
+        let now = now_ms();
+        // Ejection never empties a service: with every endpoint ejected, all are eligible.
+        let all_ejected = self.endpoints.iter().all(|e| !e.ready || e.load.ejected(now));
+        let view = |i: usize| {
+            let e = &self.endpoints[i];
+            let eligible = e.ready && (all_ejected || !e.load.ejected(now)) && Some(i) != avoid;
+            Candidate { capacity: e.capacity, used: e.load.used(), eligible }
+        };
+        match super::pick(&self.weights, cost, view, rand::random::<u64>) {
+            Err(_) if avoid.is_some() => self.pick(cost, None),
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_failures_eject_and_success_forgives() {
+        let l = EndpointLoad::default();
+        for _ in 0..EJECT_AFTER_FAILURES - 1 {
+            assert!(!l.record_failure(1000));
+        }
+        l.record_success();
+        for _ in 0..EJECT_AFTER_FAILURES - 1 {
+            assert!(!l.record_failure(1000));
+        }
+        assert!(l.record_failure(1000), "the fifth in a row ejects");
+        assert!(l.ejected(1000 + 9_999));
+        assert!(!l.ejected(1000 + 10_000));
+        // Ejected again right away: twice as long.
+        for _ in 0..EJECT_AFTER_FAILURES {
+            l.record_failure(20_000);
+        }
+        assert!(l.ejected(20_000 + 19_999));
+    }
+
+    fn set(n: usize) -> EndpointSet {
+        EndpointSet::new(
+            (0..n)
+                .map(|i| Endpoint {
+                    addr: SocketAddr::from(([10, 0, 0, i as u8], 80)),
+                    capacity: [1000, 0, 0],
+                    ready: true,
+                    pod: Arc::from(""),
+                    zone: Arc::from(""),
+                    load: Arc::default(),
+                })
+                .collect(),
         )
+    }
+
+    #[test]
+    fn ejected_and_avoided_endpoints_are_skipped_but_never_all() {
+        let s = set(3);
+        let now = now_ms();
+        for _ in 0..EJECT_AFTER_FAILURES {
+            s.endpoints[0].load.record_failure(now);
+        }
+        for _ in 0..200 {
+            let c = s.pick(&[1, 0, 0], Some(1)).expect("one left");
+            assert_eq!(c.index, 2);
+        }
+        for e in &s.endpoints {
+            for _ in 0..EJECT_AFTER_FAILURES {
+                e.load.record_failure(now);
+            }
+        }
+        assert!(s.pick(&[1, 0, 0], None).is_ok(), "all ejected: all eligible again");
     }
 }

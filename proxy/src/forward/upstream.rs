@@ -1,0 +1,187 @@
+//! One upstream exchange: turn a downstream request into the request for a chosen
+//! address (hop-by-hop headers off, origin-form URI, the upstream's HTTP version), send
+//! it over the pool with a deadline, and classify what came back. Upgrades (WebSocket)
+//! are spliced once both sides agree. It must not choose the address.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::Upstreams;
+
+/// The body sent upstream: the client's (first attempt) or none (a retry).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+/// Why an exchange produced no response.
+#[derive(Debug)]
+pub enum Failure {
+    /// The request could not be sent or the connection broke: nothing was answered.
+    Connection(String),
+    Timeout(Duration),
+    /// The target is not a usable authority.
+    BadTarget(String),
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, keeping `Upgrade`/`Connection: upgrade` when an
+/// upgrade is being negotiated and `TE: trailers` (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrading && *n == header::UPGRADE))
+        .collect();
+    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for h in HOP_BY_HOP.iter().chain(named.iter()) {
+        headers.remove(h);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrading {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// The request head for `target`, from the client's head.
+pub fn prepare(parts: &Parts, target: &str, h2: bool, upgrading: bool) -> Result<Parts, Failure> {
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(target)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| Failure::BadTarget(format!("cannot forward to {target}: {e}")))?;
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = parts.method.clone();
+    head.headers = parts.headers.clone();
+    if parts.version == Version::HTTP_2 && !head.headers.contains_key(header::HOST) {
+        // HTTP/1 upstreams need Host; HTTP/2 carried it as :authority.
+        if let Some(a) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            head.headers.insert(header::HOST, a);
+        }
+    }
+    head.uri = uri;
+    head.version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    strip_hop_by_hop(&mut head.headers, upgrading);
+    Ok(head)
+}
+
+/// Sends one request; the deadline covers the time to the response head.
+pub async fn send(
+    upstreams: &Upstreams,
+    h2: bool,
+    head: Parts,
+    body: UpstreamBody,
+    timeout: Duration,
+) -> Result<Response<Incoming>, Failure> {
+    let client = if h2 { &upstreams.http2 } else { &upstreams.http1 };
+    let target = head.uri.authority().map(|a| a.to_string()).unwrap_or_default();
+    match tokio::time::timeout(timeout, client.request(Request::from_parts(head, body))).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(Failure::Connection(format!("upstream {target} failed: {}", error_chain(&e)))),
+        Err(_) => Err(Failure::Timeout(timeout)),
+    }
+}
+
+/// Splices an agreed upgrade (101) between the two sides in the background.
+pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, resp: &mut Response<Incoming>, hold: impl Send + 'static) {
+    let upstream = hyper::upgrade::on(resp);
+    tokio::spawn(async move {
+        let _hold = hold;
+        match (downstream.await, upstream.await) {
+            (Ok(d), Ok(u)) => {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+            }
+            (d, u) => tracing::debug!("forward: upgrade failed: {:?} {:?}", d.err(), u.err()),
+        }
+    });
+}
+
+/// A response the upstream's own proxy or runtime produced for being unable to serve:
+/// counts against the endpoint, and may be retried.
+pub fn is_gateway_failure(status: StatusCode) -> bool {
+    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-app", "te"]);
+    }
+
+    #[test]
+    fn upgrades_keep_their_negotiation() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).map(|v| v.as_bytes()), Some(&b"websocket"[..]));
+        assert_eq!(h.get(header::CONNECTION).map(|v| v.as_bytes()), Some(&b"upgrade"[..]));
+    }
+
+    #[test]
+    fn prepare_targets_the_chosen_address_in_origin_form() {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.uri = "http://orders.shop/a/b?c=1".parse().expect("uri");
+        parts.headers.insert(header::HOST, HeaderValue::from_static("orders.shop"));
+        let head = prepare(&parts, "10.1.0.7:8080", false, false).expect("ok");
+        assert_eq!(head.uri.to_string(), "http://10.1.0.7:8080/a/b?c=1");
+        assert_eq!(head.headers[header::HOST], "orders.shop", "Host is kept for the app");
+        assert_eq!(head.version, Version::HTTP_11);
+    }
+}
