@@ -6,6 +6,20 @@ cd "$(dirname "$0")/.."
 step() { printf '\n== %s ==\n' "$*"; }
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+
+# Real tools the end-to-end tests drive: iptables and iproute2 (network namespaces and
+# nat rules), util-linux (setpriv), curl (the HTTP client), python3 (http.server
+# backends). Installed only when missing, so a developer's machine is left alone.
+need=()
+for pair in iptables:iptables ip:iproute2 setpriv:util-linux curl:curl python3:python3; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  step "installing ${need[*]} (apt-get)"
+  if [ "$(id -u)" -ne 0 ]; then echo "run as root to install ${need[*]}, or install them yourself" >&2; exit 1; fi
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"
   cargo install --locked cargo-nextest

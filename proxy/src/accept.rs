@@ -151,19 +151,24 @@ async fn inbound(shared: Arc<Shared>, stream: TcpStream, app: Option<SocketAddr>
 }
 
 async fn serve_http1(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Rewind<TcpStream>) {
+    let header_read_timeout = shared.settings.header_read_timeout;
     let service = service_fn(move |req| {
         let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
         async move { Ok::<_, std::convert::Infallible>(fwd::handle(shared, conn, req).await) }
     });
     let result = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(header_read_timeout)
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades()
         .await;
     if let Err(e) = result {
-        tracing::debug!("outbound http/1 connection: {e}");
+        if e.is_parse() || e.is_parse_too_large() || e.is_timeout() {
+            tracing::warn!("outbound: rejected a malformed or too slow HTTP/1 request: {e}");
+        } else {
+            tracing::debug!("outbound http/1 connection: {e}");
+        }
     }
 }
 
@@ -178,6 +183,6 @@ async fn serve_http2(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Rewind<TcpStr
         .serve_connection(TokioIo::new(io), service)
         .await;
     if let Err(e) = result {
-        tracing::debug!("outbound h2c connection: {e}");
+        tracing::info!("outbound h2c connection ended with an error: {e}");
     }
 }

@@ -37,6 +37,9 @@ struct Args {
     /// How long a request may wait for an endpoint with room before a 503 (milliseconds).
     #[arg(long, default_value_t = 500)]
     queue_timeout_ms: u64,
+    /// How long a client may take to send a request head (milliseconds).
+    #[arg(long, default_value_t = 10_000)]
+    header_read_timeout_ms: u64,
     /// This proxy's pod (downward API), for its node identity.
     #[arg(long, env = "NEUTRINO_POD_NAME", default_value = "")]
     pod: String,
@@ -100,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
     let data = neutrino_proxy::forward::DataSettings {
         namespace: args.namespace.as_str().into(),
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
+        header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
         ..Default::default()
     };
     let settings = Settings {

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, missing_debug_implementations)]
 
 pub mod backend;
+pub mod llhttp;
 
 use std::future::Future;
 use std::net::TcpListener;

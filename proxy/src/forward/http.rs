@@ -53,6 +53,12 @@ fn failure_answer(f: Failure) -> Response<ProxyBody> {
         Failure::Connection(why) => answer(StatusCode::BAD_GATEWAY, &why),
         Failure::Timeout(t) => answer(StatusCode::GATEWAY_TIMEOUT, &format!("upstream did not answer within {t:?}")),
         Failure::BadTarget(why) => answer(StatusCode::BAD_REQUEST, &why),
+        Failure::BadRequestBody(why) => {
+            tracing::warn!("forward: rejected a request: {why}");
+            let mut r = answer(StatusCode::BAD_REQUEST, &why);
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
     }
 }
 
@@ -65,6 +71,14 @@ fn authority<B>(req: &Request<B>) -> Option<&str> {
 pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
     if req.method() == Method::CONNECT {
         return connect(shared, req).await;
+    }
+    if req.headers().contains_key(header::TRANSFER_ENCODING) && req.headers().contains_key(header::CONTENT_LENGTH) {
+        // Two framings for one body: the classic request-smuggling set-up. Refuse it
+        // and close the connection rather than guess which one the next hop believes.
+        tracing::warn!(uri = %req.uri(), "forward: rejected a request with both Content-Length and Transfer-Encoding");
+        let mut r = answer(StatusCode::BAD_REQUEST, "both Content-Length and Transfer-Encoding: refused");
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
     }
     let service = match &conn.service {
         Some(s) => Some(Arc::clone(s)),

@@ -34,6 +34,8 @@ pub struct DataSettings {
     pub queue_timeout: Duration,
     /// How long protocol detection waits for a client's first bytes.
     pub detect_timeout: Duration,
+    /// How long a client may take to send a request head.
+    pub header_read_timeout: Duration,
     /// Ports where the server speaks first: never sniffed.
     pub server_first_ports: Vec<u16>,
     pub pool_idle_timeout: Duration,
@@ -48,6 +50,7 @@ impl Default for DataSettings {
             connect_timeout: Duration::from_secs(3),
             queue_timeout: Duration::from_millis(500),
             detect_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
             server_first_ports: crate::detect::DEFAULT_SERVER_FIRST_PORTS.to_vec(),
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_endpoint: 64,

@@ -26,6 +26,9 @@ pub enum Failure {
     Timeout(Duration),
     /// The target is not a usable authority.
     BadTarget(String),
+    /// The client's own request body was malformed or cut short while being sent on
+    /// (a bad chunk size, a body shorter than its Content-Length).
+    BadRequestBody(String),
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
@@ -109,6 +112,9 @@ pub async fn send(
     let target = head.uri.authority().map(|a| a.to_string()).unwrap_or_default();
     match tokio::time::timeout(timeout, client.request(Request::from_parts(head, body))).await {
         Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) if caused_by_request_body(&e) => {
+            Err(Failure::BadRequestBody(format!("request body could not be read: {}", error_chain(&e))))
+        }
         Ok(Err(e)) => Err(Failure::Connection(format!("upstream {target} failed: {}", error_chain(&e)))),
         Err(_) => Err(Failure::Timeout(timeout)),
     }
@@ -132,6 +138,20 @@ pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, resp: &mut Response
 /// counts against the endpoint, and may be retried.
 pub fn is_gateway_failure(status: StatusCode) -> bool {
     matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
+}
+
+/// True when hyper failed because the body we were streaming (the client's) failed.
+fn caused_by_request_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_user() || h.is_parse() || h.is_incomplete_message())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
