@@ -26,6 +26,12 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
+# The real gRPC client and server of the interception tests.
+if ! python3 -c "import grpc" 2>/dev/null; then
+  step "installing grpcio (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check grpcio
+fi
+
 step "format"
 cargo fmt --all --check
 step "lint"

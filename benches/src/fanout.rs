@@ -82,6 +82,9 @@ struct Args {
     /// `symlink` to it (as Kubernetes does for ConfigMap volumes).
     #[arg(long, value_enum, default_value_t = Update::Rename)]
     update: Update,
+    /// The control plane's log filter; its log goes to a file whose end is shown on errors.
+    #[arg(long, default_value = "info")]
+    cp_log: String,
     /// Write the results table (markdown) here.
     #[arg(long, default_value = "benches/results/fanout.md")]
     out: PathBuf,
@@ -115,7 +118,7 @@ async fn run(args: Args) -> Result<()> {
     ));
 
     let binary = control_plane_binary(args.control_plane.as_deref())?;
-    let cp = ControlPlane::start(&binary, &mesh.path)?;
+    let cp = ControlPlane::start(&binary, &mesh.path, &dir.path().join("control-plane.log"), &args.cp_log)?;
     progress.say(format!(
         "control plane pid {} (grpc {}, admin {}), waiting for /ready",
         cp.pid(),
@@ -161,7 +164,7 @@ async fn run(args: Args) -> Result<()> {
         let rss = proc_status_kib(cp.pid(), "VmRSS")?;
         let connected = cp.connected_proxies()?;
         if connected != Some(target as u64) {
-            bail!("the control plane reports {connected:?} connected proxies, expected {target}; see its log above");
+            bail!("the control plane reports {connected:?} connected proxies, expected {target}; {}", cp.diagnose());
         }
         progress.say(format!(
             "step {target}: synced in {sync_secs:.1} s; control plane RSS {:.1} MiB ({:.3} MiB/proxy)",
@@ -593,6 +596,7 @@ fn stuck(proxies: &[Handles], first_index: usize, cp: &ControlPlane, what: &str,
     if let Some(s) = sample {
         let _ = write!(msg, "; e.g. {s}");
     }
+    let _ = write!(msg, "; control plane: {}", cp.diagnose());
     for (who, pid) in [("this benchmark", std::process::id()), ("the control plane", cp.pid())] {
         if let (Ok(open), Ok(Some(limit))) = (open_files(pid), open_files_limit_of(pid))
             && open + 16 >= limit
@@ -616,6 +620,7 @@ struct ControlPlane {
     child: Child,
     grpc_addr: SocketAddr,
     admin_addr: SocketAddr,
+    log: PathBuf,
 }
 
 fn control_plane_binary(flag: Option<&Path>) -> Result<PathBuf> {
@@ -643,18 +648,39 @@ fn free_port() -> Result<SocketAddr> {
 }
 
 impl ControlPlane {
-    fn start(binary: &Path, mesh_file: &Path) -> Result<Self> {
+    fn start(binary: &Path, mesh_file: &Path, log: &Path, filter: &str) -> Result<Self> {
         let grpc_addr = free_port()?;
         let admin_addr = free_port()?;
+        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone().with_context(|| format!("sharing {}", log.display()))?;
         let child = Command::new(binary)
             .arg("--mesh-file")
             .arg(mesh_file)
             .args(["--grpc-addr", &grpc_addr.to_string(), "--admin-addr", &admin_addr.to_string()])
-            .args(["--log", "warn"])
+            .args(["--log", filter])
             .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(ControlPlane { child, grpc_addr, admin_addr })
+        Ok(ControlPlane { child, grpc_addr, admin_addr, log: log.to_path_buf() })
+    }
+
+    /// What can be seen of the control plane from outside, for error messages: whether
+    /// it accepts connections and answers `/ready`, and the end of its log.
+    fn diagnose(&self) -> String {
+        let grpc = match TcpStream::connect_timeout(&self.grpc_addr, Duration::from_secs(2)) {
+            Ok(_) => "accepts connections".to_string(),
+            Err(e) => format!("does not accept connections ({e})"),
+        };
+        let ready = match http_get(self.admin_addr, "/ready") {
+            Ok((status, body)) => format!("HTTP {status} {}", body.trim()),
+            Err(e) => format!("{e:#}"),
+        };
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(10)..].join("\n    ");
+        format!("gRPC port {} {grpc}; /ready: {ready}; last lines of its log:\n    {tail}", self.grpc_addr)
     }
 
     fn pid(&self) -> u32 {
@@ -666,7 +692,7 @@ impl ControlPlane {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()));
         match stat.as_deref().ok().and_then(|s| s.rsplit_once(')')).map(|(_, rest)| rest.trim_start()) {
             Some(rest) if !rest.starts_with('Z') && !rest.starts_with('X') => Ok(()),
-            _ => bail!("the control plane (pid {}) exited; see its log above", self.pid()),
+            _ => bail!("the control plane (pid {}) exited; {}", self.pid(), self.diagnose()),
         }
     }
 

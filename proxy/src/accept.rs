@@ -84,6 +84,7 @@ async fn outbound(shared: Arc<Shared>, mut stream: TcpStream) {
     if let (Some(d), None) = (dst, &service) {
         // Not a mesh destination (an external API, the API server, a database):
         // exactly what the app asked for.
+        shared.metrics.data.passthrough_connections.inc();
         if let Err(e) = tcp::splice(stream, d, shared.settings.connect_timeout).await {
             tracing::debug!("outbound passthrough to {d}: {e}");
         }
@@ -120,6 +121,7 @@ async fn outbound(shared: Arc<Shared>, mut stream: TcpStream) {
             };
             match target {
                 Some(t) => {
+                    shared.metrics.data.outbound_tcp_connections.inc();
                     if let Err(e) = tcp::splice(io, t, shared.settings.connect_timeout).await {
                         tracing::debug!("outbound tcp to {t}: {e}");
                     }
@@ -134,6 +136,7 @@ async fn outbound(shared: Arc<Shared>, mut stream: TcpStream) {
 }
 
 async fn inbound(shared: Arc<Shared>, stream: TcpStream, app: Option<SocketAddr>) {
+    shared.metrics.data.inbound_connections.inc();
     let target = match (original_dst(&stream), app) {
         (Some(d), _) => {
             let lo = if d.is_ipv4() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { IpAddr::V6(Ipv6Addr::LOCALHOST) };

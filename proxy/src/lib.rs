@@ -98,6 +98,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         upstreams: forward::Upstreams::new(&settings.data),
         settings: settings.data,
         retry_budget: Default::default(),
+        metrics: Arc::clone(&handles.metrics),
     });
     tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));
     tokio::spawn(accept::serve_inbound(inbound, shared, settings.inbound_app_addr));

@@ -18,8 +18,22 @@ impl KindLabel {
     }
 }
 
+/// Data-path counters: plain atomics, so counting never takes a lock on the request
+/// path (labelled families come with the observability work).
+#[derive(Debug, Default)]
+pub struct DataMetrics {
+    pub outbound_http_requests: Counter,
+    pub outbound_tcp_connections: Counter,
+    pub passthrough_connections: Counter,
+    pub inbound_connections: Counter,
+    pub no_capacity: Counter,
+    pub retries: Counter,
+    pub ejections: Counter,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
+    pub data: DataMetrics,
     pub updates_applied: Family<KindLabel, Counter>,
     pub updates_rejected: Family<KindLabel, Counter>,
     pub stream_connects: Counter,
@@ -41,6 +55,22 @@ impl Metrics {
         );
         r.register("control_plane_connects", "Discovery streams established", self.stream_connects.clone());
         r.register("control_plane_connected", "1 while the discovery stream is open", self.stream_connected.clone());
+        let d = &self.data;
+        r.register("outbound_http_requests", "HTTP requests to mesh services", d.outbound_http_requests.clone());
+        r.register(
+            "outbound_tcp_connections",
+            "Opaque TCP connections to mesh services",
+            d.outbound_tcp_connections.clone(),
+        );
+        r.register(
+            "passthrough_connections",
+            "Connections to destinations outside the mesh",
+            d.passthrough_connections.clone(),
+        );
+        r.register("inbound_connections", "Connections accepted for this pod", d.inbound_connections.clone());
+        r.register("no_capacity", "Requests refused with 503 because no endpoint had room", d.no_capacity.clone());
+        r.register("retries", "Requests sent again to another endpoint", d.retries.clone());
+        r.register("ejections", "Endpoints ejected after consecutive failures", d.ejections.clone());
         let g: Gauge = Gauge::default();
         g.set(i64::try_from(generation).unwrap_or(i64::MAX));
         r.register("config_generation", "Generation of the published config snapshot", g);

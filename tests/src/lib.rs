@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod llhttp;
+pub mod netns;
 
 use std::future::Future;
 use std::net::TcpListener;

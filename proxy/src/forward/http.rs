@@ -88,7 +88,10 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incom
         }
     };
     match service {
-        Some(svc) => to_service(&shared, &conn, svc, req).await,
+        Some(svc) => {
+            shared.metrics.data.outbound_http_requests.inc();
+            to_service(&shared, &conn, svc, req).await
+        }
         None => passthrough(&shared, &conn, req).await,
     }
 }
@@ -158,8 +161,11 @@ async fn to_service(
             Ok(mut resp) => {
                 let status = resp.status();
                 if upstream::is_gateway_failure(status) {
-                    endpoint.load.record_failure(now_ms());
+                    if endpoint.load.record_failure(now_ms()) {
+                        shared.metrics.data.ejections.inc();
+                    }
                     if may_retry && shared.retry_budget.withdraw() {
+                        shared.metrics.data.retries.inc();
                         tracing::debug!(endpoint = %target, %status, "forward: retrying on another endpoint");
                         avoid = Some(choice.index);
                         continue;
@@ -180,10 +186,13 @@ async fn to_service(
                 return Response::from_parts(rparts, Either::Left(Held::new(rbody, Some(hold))));
             }
             Err(f) => {
-                endpoint.load.record_failure(now_ms());
+                if endpoint.load.record_failure(now_ms()) {
+                    shared.metrics.data.ejections.inc();
+                }
                 let timed_out = matches!(f, Failure::Timeout(_));
                 // A timed-out request may be running upstream: never send it twice.
                 if may_retry && !timed_out && shared.retry_budget.withdraw() {
+                    shared.metrics.data.retries.inc();
                     tracing::debug!(endpoint = %target, "forward: {f:?}; retrying on another endpoint");
                     avoid = Some(choice.index);
                     continue;
@@ -224,6 +233,7 @@ async fn wait_for_room(
                         u * 100.0
                     ),
                 };
+                shared.metrics.data.no_capacity.inc();
                 let mut r = answer(StatusCode::SERVICE_UNAVAILABLE, &why);
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return Err(r);

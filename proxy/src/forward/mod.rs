@@ -92,4 +92,5 @@ pub struct Shared {
     pub upstreams: Upstreams,
     pub settings: DataSettings,
     pub retry_budget: retry::RetryBudget,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
