@@ -45,7 +45,7 @@ pub const IP_A: &str = "10.200.0.1";
 pub const IP_B: &str = "10.200.0.2";
 
 impl Pods {
-    pub fn new() -> Pods {
+    pub fn create() -> Pods {
         static N: AtomicU32 = AtomicU32::new(0);
         let tag = format!("{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         let pods = Pods { a: format!("nta{tag}"), b: format!("ntb{tag}") };

@@ -63,7 +63,7 @@ fn mesh() -> Option<Mesh> {
         ),
     )
     .unwrap();
-    let pods = Pods::new();
+    let pods = Pods::create();
     let proxy = bin("neutrino-proxy");
     for ns in [&pods.a, &pods.b] {
         let out = Pods::exec(ns, &proxy, &["init"]).output().unwrap();
