@@ -10,12 +10,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 use crate::detect::{self, Protocol, Rewind};
 use crate::forward::http::{self as fwd, ConnInfo};
@@ -51,10 +53,63 @@ pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
     accept_loop(listener, "outbound", move |stream| outbound(Arc::clone(&shared), stream)).await;
 }
 
+/// Counts open connections so shutdown can wait for them to finish.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by a connection task; the count drops with it.
+#[derive(Debug)]
+pub struct Tracked(Arc<Tracker>);
+
+impl Tracker {
+    pub fn track(self: &Arc<Self>) -> Tracked {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Tracked(Arc::clone(self))
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no connection is open, or `timeout` passes; returns how many are left.
+    pub async fn wait_idle(&self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.active();
+            }
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// Accepts inbound connections until the task is dropped. `app` is where to send them
-/// when they were not redirected (local mode without iptables).
-pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, app: Option<SocketAddr>) {
-    accept_loop(listener, "inbound", move |stream| inbound(Arc::clone(&shared), stream, app)).await;
+/// when they were not redirected (local mode without iptables). Open connections are
+/// counted in `tracker` and outlive this task, so shutdown can drain them.
+pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, app: Option<SocketAddr>, tracker: Arc<Tracker>) {
+    accept_loop(listener, "inbound", move |stream| {
+        let held = tracker.track();
+        let shared = Arc::clone(&shared);
+        async move {
+            inbound(shared, stream, app).await;
+            drop(held);
+        }
+    })
+    .await;
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, name: &'static str, handle: F)

@@ -17,6 +17,8 @@ pub struct AdminState {
     pub store: Arc<ConfigStore>,
     pub stream: Arc<ArcSwap<StreamStatus>>,
     pub metrics: Arc<Metrics>,
+    /// Set on shutdown: /ready turns 503 so no new traffic is sent here.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn handle(state: &AdminState, path: &str) -> Reply {
@@ -24,7 +26,9 @@ pub fn handle(state: &AdminState, path: &str) -> Reply {
         "/live" => Reply::text(200, "live\n"),
         "/ready" => {
             let snap = state.store.load();
-            if snap.is_ready() {
+            if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                Reply::text(503, "not ready: shutting down\n")
+            } else if snap.is_ready() {
                 Reply::text(200, format!("ready: config generation {}\n", snap.generation))
             } else {
                 let stream = state.stream.load();

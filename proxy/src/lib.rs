@@ -44,6 +44,8 @@ pub struct Settings {
     pub inbound_addr: SocketAddr,
     /// Where inbound connections go when they were not redirected by iptables.
     pub inbound_app_addr: Option<SocketAddr>,
+    /// On shutdown, how long open inbound connections may take to finish.
+    pub drain_timeout: std::time::Duration,
     pub data: forward::DataSettings,
 }
 
@@ -101,15 +103,40 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         metrics: Arc::clone(&handles.metrics),
     });
     tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));
-    tokio::spawn(accept::serve_inbound(inbound, shared, settings.inbound_app_addr));
-    let state = admin::AdminState { store: handles.store, stream: handles.stream, metrics: handles.metrics };
+    if settings.outbound_addr.ip() == std::net::Ipv4Addr::LOCALHOST {
+        // iptables sends IPv6 traffic to [::1] on the same port; best effort, as a pod
+        // may have IPv6 disabled.
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, settings.outbound_addr.port()));
+        if let Ok(l) = TcpListener::bind(v6).await {
+            tokio::spawn(accept::serve_outbound(l, Arc::clone(&shared)));
+        }
+    }
+    let tracker = Arc::new(accept::Tracker::default());
+    let inbound_task =
+        tokio::spawn(accept::serve_inbound(inbound, shared, settings.inbound_app_addr, Arc::clone(&tracker)));
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let state = admin::AdminState {
+        store: handles.store,
+        stream: handles.stream,
+        metrics: handles.metrics,
+        draining: Arc::clone(&draining),
+    };
+    tokio::spawn(neutrino_admin::serve(admin_listener, move |path| admin::handle(&state, path)));
     tracing::info!(
         admin = %settings.admin_addr, outbound = %settings.outbound_addr, inbound = %settings.inbound_addr,
         "proxy started"
     );
-    tokio::select! {
-        () = neutrino_admin::serve(admin_listener, move |path| admin::handle(&state, path)) => {}
-        () = shutdown => tracing::info!("shutting down"),
+    shutdown.await;
+    // Graceful shutdown: report not ready, stop taking new inbound connections, let the
+    // open ones finish. Outbound keeps working meanwhile: the app may still be
+    // finishing its own requests.
+    draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    inbound_task.abort();
+    let open = tracker.active();
+    tracing::info!(open, timeout = ?settings.drain_timeout, "shutting down: draining inbound connections");
+    let left = tracker.wait_idle(settings.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(left, "drain timeout reached; closing the remaining inbound connections");
     }
     Ok(())
 }

@@ -37,6 +37,9 @@ struct Args {
     /// How long a request may wait for an endpoint with room before a 503 (milliseconds).
     #[arg(long, default_value_t = 500)]
     queue_timeout_ms: u64,
+    /// On SIGTERM, how long open inbound connections may take to finish (seconds).
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_secs: u64,
     /// How long a client may take to send a request head (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     header_read_timeout_ms: u64,
@@ -112,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
         outbound_addr: args.outbound_addr,
         inbound_addr: args.inbound_addr,
         inbound_app_addr: args.inbound_app_addr,
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         data,
     };
     neutrino_proxy::run(settings, shutdown).await?;

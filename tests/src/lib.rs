@@ -70,6 +70,29 @@ impl Proc {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
+    /// Sends SIGTERM, as Kubernetes does before stopping a container.
+    pub fn terminate(&self) {
+        let pid = self.pid().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
+    /// Waits for the process to exit by itself; None if it is still running at `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGKILL and reap: the process gets no chance to say goodbye.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
