@@ -1,5 +1,8 @@
-//! `neutrino demo`: starts the real control plane and a real proxy (sibling binaries)
-//! on a mesh file, waits until the proxy is ready, and prints what it received.
+//! `neutrino demo`: the local demo mesh. Starts the real control plane, three sample
+//! backends of different sizes each with its sidecar proxy, and a client sidecar, all
+//! on loopback (no iptables needed: the client uses its sidecar as an explicit HTTP
+//! proxy, and each backend sidecar forwards inbound traffic to its app). Then it sends
+//! a mixed workload and reports where each kind of work went.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -7,10 +10,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::show;
+use crate::{show, workload};
+
+/// A backend of examples/mesh.yaml: its app port, and its sidecar's inbound port (the
+/// endpoint address in the mesh file), admin port and outbound port.
+pub struct DemoBackend {
+    pub name: &'static str,
+    pub app: u16,
+    pub inbound: u16,
+    pub admin: u16,
+    pub outbound: u16,
+}
+
+pub const BACKENDS: [DemoBackend; 3] = [
+    DemoBackend { name: "orders-small", app: 18081, inbound: 28081, admin: 15121, outbound: 15101 },
+    DemoBackend { name: "orders-medium", app: 18082, inbound: 28082, admin: 15122, outbound: 15102 },
+    DemoBackend { name: "orders-large", app: 18083, inbound: 28083, admin: 15123, outbound: 15103 },
+];
 
 /// Kills the child when the demo ends, however it ends.
-struct Running(Child, &'static str);
+struct Running(Child, String);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -28,17 +47,18 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn start(name: &'static str, args: &[&str]) -> anyhow::Result<Running> {
-    let child = Command::new(sibling(name)?)
+fn start(name: &str, binary: &str, args: &[&str]) -> anyhow::Result<Running> {
+    let child = Command::new(sibling(binary)?)
         .args(args)
         .env("NEUTRINO_LOG", "warn")
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {name}"))?;
-    Ok(Running(child, name))
+    Ok(Running(child, name.to_string()))
 }
 
-async fn wait_ready(what: &str, url: &str, procs: &mut [&mut Running]) -> anyhow::Result<()> {
+async fn wait_ready(what: &str, url: &str, procs: &mut [Running]) -> anyhow::Result<()> {
     let started = Instant::now();
     let client = reqwest::Client::new();
     loop {
@@ -53,33 +73,90 @@ async fn wait_ready(what: &str, url: &str, procs: &mut [&mut Running]) -> anyhow
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(30) {
-            bail!("{what} not ready after 30 s ({url}); are ports 15010, 15014 and 15020 free?");
+            bail!(
+                "{what} not ready after 30 s ({url}); are ports 15001-15020, 15101-15123, 18081-18083 and 28081-28083 free?"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-pub async fn run(mesh_file: &Path, keep_running: bool) -> anyhow::Result<()> {
+pub async fn run(mesh_file: &Path, keep_running: bool, requests: usize) -> anyhow::Result<()> {
     let mesh = mesh_file.to_str().context("mesh file path is not UTF-8")?;
     if !mesh_file.exists() {
         bail!("mesh file {mesh} not found; run from the repository root or pass --mesh-file");
     }
-    println!("[1/3] starting neutrino-control-plane on {mesh} (gRPC 127.0.0.1:15010, admin 127.0.0.1:15014)");
-    let mut cp = start(
+    let mut procs = Vec::new();
+    println!("[1/4] control plane on {mesh} (gRPC 127.0.0.1:15010, admin 127.0.0.1:15014)");
+    procs.push(start(
+        "neutrino-control-plane",
         "neutrino-control-plane",
         &["--mesh-file", mesh, "--grpc-addr", "127.0.0.1:15010", "--admin-addr", "127.0.0.1:15014"],
-    )?;
-    wait_ready("the control plane", "http://127.0.0.1:15014/ready", &mut [&mut cp]).await?;
-    println!("[2/3] starting neutrino-proxy (admin 127.0.0.1:15020), connecting to the control plane");
-    let mut proxy = start(
+    )?);
+    wait_ready("the control plane", "http://127.0.0.1:15014/ready", &mut procs).await?;
+
+    println!("[2/4] three backends (sample app + sidecar each): small 1 CPU, medium 2 CPU, large 4 CPU + 1 GPU");
+    for b in &BACKENDS {
+        let app = format!("127.0.0.1:{}", b.app);
+        procs.push(start(b.name, "neutrino-sample-app", &["serve", "--http", &app, "--name", b.name])?);
+        let (admin, inbound, outbound) =
+            (format!("127.0.0.1:{}", b.admin), format!("127.0.0.1:{}", b.inbound), format!("127.0.0.1:{}", b.outbound));
+        procs.push(start(
+            &format!("{} sidecar", b.name),
+            "neutrino-proxy",
+            &[
+                "--control-plane",
+                "127.0.0.1:15010",
+                "--admin-addr",
+                &admin,
+                "--inbound-addr",
+                &inbound,
+                "--outbound-addr",
+                &outbound,
+                "--inbound-app-addr",
+                &app,
+                "--pod",
+                b.name,
+                "--namespace",
+                "shop",
+            ],
+        )?);
+    }
+    println!("[3/4] the client's sidecar (outbound 127.0.0.1:15001, admin 127.0.0.1:15020)");
+    procs.push(start(
+        "client sidecar",
         "neutrino-proxy",
-        &["--control-plane", "127.0.0.1:15010", "--admin-addr", "127.0.0.1:15020", "--pod", "demo-client"],
-    )?;
-    wait_ready("the proxy", "http://127.0.0.1:15020/ready", &mut [&mut cp, &mut proxy]).await?;
-    println!("[3/3] the proxy is ready; this is what it received:\n");
-    print!("{}", show::render(&show::fetch("127.0.0.1:15020").await?));
+        &[
+            "--control-plane",
+            "127.0.0.1:15010",
+            "--admin-addr",
+            "127.0.0.1:15020",
+            "--outbound-addr",
+            "127.0.0.1:15001",
+            "--inbound-addr",
+            "127.0.0.1:15006",
+            "--pod",
+            "client",
+            "--namespace",
+            "shop",
+            "--queue-timeout-ms",
+            "2000",
+        ],
+    )?);
+    for b in &BACKENDS {
+        wait_ready(b.name, &format!("http://127.0.0.1:{}/ready", b.admin), &mut procs).await?;
+    }
+    wait_ready("the client sidecar", "http://127.0.0.1:15020/ready", &mut procs).await?;
+    let dump = show::fetch("127.0.0.1:15020").await?;
+    print!("\nwhat the client's sidecar received:\n{}", show::render(&dump));
+
+    println!("\n[4/4] sending {requests} requests (mixed light and heavy operations) through the client's sidecar");
+    let report = workload::run(&dump, "http://127.0.0.1:15001", requests).await?;
+    print!("{report}");
     if keep_running {
-        println!("\nrunning; edit {mesh} and run `neutrino config` to watch the change arrive. Ctrl-C to stop.");
+        println!(
+            "\nthe mesh is still running; try:\n  curl -x http://127.0.0.1:15001 http://orders.shop/orders/1\n  neutrino config\nCtrl-C to stop."
+        );
         tokio::signal::ctrl_c().await?;
     }
     Ok(())

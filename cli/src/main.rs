@@ -3,6 +3,7 @@
 
 mod demo;
 mod show;
+mod workload;
 
 use std::path::PathBuf;
 
@@ -26,6 +27,9 @@ enum Command {
         /// Keep the mesh running until Ctrl-C instead of exiting after the report.
         #[arg(long)]
         keep_running: bool,
+        /// How many requests the demo client sends.
+        #[arg(long, default_value_t = 800)]
+        requests: usize,
     },
     /// Print the config a running proxy holds (from its admin /config_dump).
     Config {
@@ -38,7 +42,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Demo { mesh_file, keep_running } => demo::run(&mesh_file, keep_running).await,
+        Command::Demo { mesh_file, keep_running, requests } => demo::run(&mesh_file, keep_running, requests).await,
         Command::Config { admin } => {
             let dump = show::fetch(&admin).await?;
             print!("{}", show::render(&dump));
