@@ -236,8 +236,14 @@ fn check_args(args: &Args) -> Result<()> {
     if args.services == 0 || args.endpoints_per_service == 0 {
         bail!("--services and --endpoints-per-service must be at least 1");
     }
-    if args.endpoints_per_service > 1000 || args.services * args.endpoints_per_service > 1 << 24 {
-        bail!("at most 1000 endpoints per service and 16M endpoints in all (addresses are generated in 10.0.0.0/8)");
+    if args.services > 1 << 16
+        || args.endpoints_per_service > 1000
+        || args.services * args.endpoints_per_service > 1 << 24
+    {
+        bail!(
+            "at most 65,536 services, 1000 endpoints per service and 16M endpoints in all \
+             (virtual IPs are generated in 10.96.0.0/16, endpoint addresses in 10.0.0.0/8)"
+        );
     }
     if args.proxies.is_empty() || args.proxies.contains(&0) || !args.proxies.is_sorted() {
         bail!("--proxies must be ascending counts of at least 1, e.g. 100,500,1000,2000");
@@ -320,6 +326,15 @@ struct MeshFile {
 enum Update {
     Rename,
     Symlink,
+}
+
+impl Update {
+    fn name(self) -> &'static str {
+        match self {
+            Update::Rename => "renaming a new file over the mesh file",
+            Update::Symlink => "swapping a symlink to a new file",
+        }
+    }
 }
 
 /// One endpoint's capacity change, and how a proxy recognizes it.
@@ -855,13 +870,13 @@ fn report(args: &Args, base: &Baseline, sizes: &str, rows: &[Row], took: Duratio
     let _ = writeln!(
         out,
         "Mesh: {} services x {} endpoints = {} endpoints; {} changes per step (one endpoint's CPU capacity each); \
-         changes made by {:?}; machine: {cores} cores, {mem_gib:.1} GiB; control plane with 0 proxies: RSS {:.1} MiB, \
+         changes made by {}; machine: {cores} cores, {mem_gib:.1} GiB; control plane with 0 proxies: RSS {:.1} MiB, \
          {:.0} % of a core while nothing changes; initial responses per proxy: {sizes}; run took {:.0} s.\n",
         args.services,
         args.endpoints_per_service,
         args.services * args.endpoints_per_service,
         args.changes,
-        args.update,
+        args.update.name(),
         base.rss_kib as f64 / 1024.0,
         base.idle_pct,
         took.as_secs_f64()

@@ -130,12 +130,16 @@ pub struct Endpoint {
 pub struct EndpointSet {
     pub endpoints: Vec<Endpoint>,
     weights: Weights,
+    /// Only the endpoints with GPUs: where GPU requests sample.
+    gpu_weights: Weights,
 }
 
 impl EndpointSet {
     pub fn new(endpoints: Vec<Endpoint>) -> Self {
-        let weights = Weights::new(endpoints.iter().map(|e| e.capacity));
-        EndpointSet { endpoints, weights }
+        let caps: Vec<[u64; DIMS]> = endpoints.iter().map(|e| e.capacity).collect();
+        let weights = Weights::new(caps.iter().copied());
+        let gpu_weights = Weights::subset(&caps, |c| c[2] > 0);
+        EndpointSet { endpoints, weights, gpu_weights }
     }
 
     /// Chooses an endpoint for a request costing `cost`, with the thread's fast RNG.
@@ -143,15 +147,19 @@ impl EndpointSet {
     /// take it.
     pub fn pick(&self, cost: &[u64; DIMS], avoid: Option<usize>) -> Result<Choice, NoFit> {
         let now = now_ms();
-        // Ejection never empties a service: with every endpoint ejected, all are eligible.
-        let all_ejected = self.endpoints.iter().all(|e| !e.ready || e.load.ejected(now));
-        let view = |i: usize| {
-            let e = &self.endpoints[i];
-            let eligible = e.ready && (all_ejected || !e.load.ejected(now)) && Some(i) != avoid;
-            Candidate { capacity: e.capacity, used: e.load.used(), eligible }
+        let weights = if cost[2] > 0 { &self.gpu_weights } else { &self.weights };
+        let choose = |honour_health: bool| {
+            let view = |i: usize| {
+                let e = &self.endpoints[i];
+                let healthy = !honour_health || (!e.load.ejected(now) && Some(i) != avoid);
+                Candidate { capacity: e.capacity, used: e.load.used(), eligible: e.ready && healthy }
+            };
+            super::pick(weights, cost, view, rand::random::<u64>)
         };
-        match super::pick(&self.weights, cost, view, rand::random::<u64>) {
-            Err(_) if avoid.is_some() => self.pick(cost, None),
+        match choose(true) {
+            // Ejection and avoidance never empty a service: if they leave nothing
+            // eligible, every ready endpoint is eligible again.
+            Err(nofit) if nofit.eligible == 0 => choose(false),
             other => other,
         }
     }

@@ -90,10 +90,17 @@ pub fn utilization_after(c: &Candidate, cost: &[u64; DIMS]) -> Option<f64> {
     any.then_some(worst)
 }
 
-/// Cumulative sampling weights, built once per endpoint set.
+/// Cumulative sampling weights over a set of endpoints (all of a service's, or the
+/// subset with some resource, e.g. GPUs), built once per endpoint set.
 #[derive(Debug, Clone, Default)]
 pub struct Weights {
     cumulative: Vec<u64>,
+    /// Endpoint index of each member; None when the members are 0..len.
+    members: Option<Vec<u32>>,
+}
+
+fn weight(c: &[u64; DIMS]) -> u64 {
+    if c[0] > 0 { c[0] } else { (c[1] >> 20).max(1) }
 }
 
 impl Weights {
@@ -103,12 +110,27 @@ impl Weights {
         let cumulative = capacities
             .into_iter()
             .map(|c| {
-                let w = if c[0] > 0 { c[0] } else { (c[1] >> 20).max(1) };
-                total = total.saturating_add(w.max(1));
+                total = total.saturating_add(weight(&c).max(1));
                 total
             })
             .collect();
-        Weights { cumulative }
+        Weights { cumulative, members: None }
+    }
+
+    /// Weights over only the endpoints `keep` accepts, so requests that need a scarce
+    /// resource sample among the endpoints that have it instead of missing 9 times in 10.
+    pub fn subset(capacities: &[[u64; DIMS]], keep: impl Fn(&[u64; DIMS]) -> bool) -> Weights {
+        let mut total = 0u64;
+        let mut cumulative = Vec::new();
+        let mut members = Vec::new();
+        for (i, c) in capacities.iter().enumerate() {
+            if keep(c) {
+                total = total.saturating_add(weight(c).max(1));
+                cumulative.push(total);
+                members.push(i as u32);
+            }
+        }
+        Weights { cumulative, members: Some(members) }
     }
 
     pub fn len(&self) -> usize {
@@ -119,7 +141,15 @@ impl Weights {
         self.cumulative.is_empty()
     }
 
-    /// The endpoint a uniform random `r` lands on.
+    /// The endpoint index of member `pos`.
+    fn index(&self, pos: usize) -> usize {
+        match &self.members {
+            Some(m) => m[pos] as usize,
+            None => pos,
+        }
+    }
+
+    /// The member a uniform random `r` lands on.
     fn sample(&self, r: u64) -> usize {
         let total = self.cumulative.last().copied().unwrap_or(0);
         if total == 0 {
@@ -156,12 +186,13 @@ pub fn pick(
     };
     if n > 1 {
         for _ in 0..ROUNDS {
-            let a = weights.sample(random());
-            let mut b = weights.sample(random());
-            if b == a {
+            let pa = weights.sample(random());
+            let mut pb = weights.sample(random());
+            if pb == pa {
                 // Keep two distinct candidates without biasing toward neighbours much.
-                b = (a + 1 + (random() as usize % (n - 1))) % n;
+                pb = (pa + 1 + (random() as usize % (n - 1))) % n;
             }
+            let (a, b) = (weights.index(pa), weights.index(pb));
             match (fits(a), fits(b)) {
                 (Some(ua), Some(ub)) => {
                     let (index, utilization) = if ub.0 < ua.0 { (b, ub.1) } else { (a, ua.1) };
@@ -173,16 +204,18 @@ pub fn pick(
             }
         }
     }
-    scan(n, cost, &view)
+    scan(weights, cost, &view)
 }
 
-fn scan(n: usize, cost: &[u64; DIMS], view: &impl Fn(usize) -> Candidate) -> Result<Choice, NoFit> {
+fn scan(weights: &Weights, cost: &[u64; DIMS], view: &impl Fn(usize) -> Candidate) -> Result<Choice, NoFit> {
+    let n = weights.len();
     // (index, utilization now, utilization with the request)
     let mut best: Option<(usize, f64, f64)> = None;
     let mut eligible = 0usize;
     let mut least_over: Option<f64> = None;
     let mut could_fit_idle = false;
-    for i in 0..n {
+    for pos in 0..n {
+        let i = weights.index(pos);
         let c = view(i);
         if !c.eligible {
             continue;
@@ -311,6 +344,20 @@ mod tests {
         assert_eq!(e.eligible, 100);
         assert!((e.least_over.expect("over") - 1.3).abs() < 1e-9);
         assert!(!e.too_big, "it would fit an idle endpoint: worth waiting");
+    }
+
+    #[test]
+    fn a_subset_samples_only_its_members() {
+        let eps: Vec<Candidate> = (0..50).map(|i| ep(1000, 0, u64::from(i % 10 == 3))).collect();
+        let caps: Vec<[u64; 3]> = eps.iter().map(|e| e.capacity).collect();
+        let gpus = Weights::subset(&caps, |c| c[2] > 0);
+        assert_eq!(gpus.len(), 5);
+        let mut r = rng(4);
+        for _ in 0..500 {
+            let c = pick(&gpus, &[10, 0, 1], |i| eps[i], &mut r).expect("a GPU node");
+            assert_eq!(c.index % 10, 3);
+            assert_ne!(c.reason, Reason::Scan, "sampling finds GPU nodes directly");
+        }
     }
 
     #[test]
