@@ -14,8 +14,8 @@ const N: usize = 1000;
 
 fn capacity(i: usize) -> [u64; 3] {
     // Capacity classes 1x, 2x, 4x; a GPU on every tenth.
-    let class = [1000, 2000, 4000][i % 3];
-    [class, class as u64 * (2 << 20), u64::from(i % 10 == 0)]
+    let class: u64 = [1000, 2000, 4000][i % 3];
+    [class, class * (2 << 20), u64::from(i.is_multiple_of(10))]
 }
 
 fn bench(c: &mut Criterion) {
