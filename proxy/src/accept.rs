@@ -23,6 +23,19 @@ use crate::detect::{self, Protocol, Rewind};
 use crate::forward::http::{self as fwd, ConnInfo};
 use crate::forward::{Shared, tcp};
 
+/// An IPv6-only listener on `addr`, for the IPv6 side of a port whose IPv4 side is
+/// bound separately (iptables redirects each family to its own listener).
+pub fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(SockProtocol::TCP))?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Where a redirected connection was going. None when it was not redirected (the
 /// client dialled the proxy itself, as an explicit proxy).
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {

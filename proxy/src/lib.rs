@@ -103,15 +103,23 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         metrics: Arc::clone(&handles.metrics),
     });
     tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));
-    if settings.outbound_addr.ip() == std::net::Ipv4Addr::LOCALHOST {
-        // iptables sends IPv6 traffic to [::1] on the same port; best effort, as a pod
-        // may have IPv6 disabled.
-        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, settings.outbound_addr.port()));
-        if let Ok(l) = TcpListener::bind(v6).await {
-            tokio::spawn(accept::serve_outbound(l, Arc::clone(&shared)));
-        }
+    // ip6tables sends IPv6 traffic to the same ports on IPv6 addresses: listen there
+    // too. Best effort, as a pod may have IPv6 disabled.
+    let v6_outbound = (settings.outbound_addr.ip() == std::net::Ipv4Addr::LOCALHOST)
+        .then(|| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, settings.outbound_addr.port())));
+    if let Some(l) = v6_outbound.and_then(|a| accept::bind_v6_only(a).ok()) {
+        tokio::spawn(accept::serve_outbound(l, Arc::clone(&shared)));
     }
     let tracker = Arc::new(accept::Tracker::default());
+    let v6_inbound = settings
+        .inbound_addr
+        .ip()
+        .is_unspecified()
+        .then(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, settings.inbound_addr.port())))
+        .filter(|_| settings.inbound_addr.is_ipv4());
+    let inbound_v6_task = v6_inbound.and_then(|a| accept::bind_v6_only(a).ok()).map(|l| {
+        tokio::spawn(accept::serve_inbound(l, Arc::clone(&shared), settings.inbound_app_addr, Arc::clone(&tracker)))
+    });
     let inbound_task =
         tokio::spawn(accept::serve_inbound(inbound, shared, settings.inbound_app_addr, Arc::clone(&tracker)));
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -132,6 +140,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     // finishing its own requests.
     draining.store(true, std::sync::atomic::Ordering::Relaxed);
     inbound_task.abort();
+    if let Some(t) = inbound_v6_task {
+        t.abort();
+    }
     let open = tracker.active();
     tracing::info!(open, timeout = ?settings.drain_timeout, "shutting down: draining inbound connections");
     let left = tracker.wait_idle(settings.drain_timeout).await;

@@ -37,6 +37,10 @@ struct Args {
     /// How long a request may wait for an endpoint with room before a 503 (milliseconds).
     #[arg(long, default_value_t = 500)]
     queue_timeout_ms: u64,
+    /// Ports where the server speaks first, never sniffed (comma-separated; replaces the
+    /// default list: 21,22,25,110,143,465,587,993,995,3306,5432,6379,11211,27017).
+    #[arg(long, value_delimiter = ',')]
+    no_sniff_ports: Option<Vec<u16>>,
     /// On SIGTERM, how long open inbound connections may take to finish (seconds).
     #[arg(long, default_value_t = 30)]
     drain_timeout_secs: u64,
@@ -107,6 +111,10 @@ async fn main() -> anyhow::Result<()> {
         namespace: args.namespace.as_str().into(),
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+        server_first_ports: args
+            .no_sniff_ports
+            .clone()
+            .unwrap_or_else(|| neutrino_proxy::detect::DEFAULT_SERVER_FIRST_PORTS.to_vec()),
         ..Default::default()
     };
     let settings = Settings {

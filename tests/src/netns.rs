@@ -43,6 +43,8 @@ pub struct Pods {
 
 pub const IP_A: &str = "10.200.0.1";
 pub const IP_B: &str = "10.200.0.2";
+pub const IP6_A: &str = "fd00:200::1";
+pub const IP6_B: &str = "fd00:200::2";
 
 impl Pods {
     pub fn create() -> Pods {
@@ -56,11 +58,16 @@ impl Pods {
         let (va, vb) = (format!("va{tag}"), format!("vb{tag}"));
         run(Command::new("ip")
             .args(["link", "add", &va, "netns", &pods.a, "type", "veth", "peer", "name", &vb, "netns", &pods.b]));
-        for (ns, dev, ip, gw) in [(&pods.a, &va, IP_A, IP_B), (&pods.b, &vb, IP_B, IP_A)] {
+        for (ns, dev, ip, gw, ip6, gw6) in
+            [(&pods.a, &va, IP_A, IP_B, IP6_A, IP6_B), (&pods.b, &vb, IP_B, IP_A, IP6_B, IP6_A)]
+        {
             run(Command::new("ip").args(["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev]));
+            // nodad: usable at once, not after duplicate address detection.
+            run(Command::new("ip").args(["-n", ns, "addr", "add", &format!("{ip6}/64"), "dev", dev, "nodad"]));
             run(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]));
-            // A default route, so virtual IPs are routable until iptables redirects them.
+            // Default routes, so virtual IPs are routable until iptables redirects them.
             run(Command::new("ip").args(["-n", ns, "route", "add", "default", "via", gw]));
+            run(Command::new("ip").args(["-n", ns, "-6", "route", "add", "default", "via", gw6]));
         }
         pods
     }

@@ -188,3 +188,16 @@ async fn destinations_outside_the_mesh_pass_through_unchanged() {
     assert_eq!((r[0].0, backend_of(&r[0].1)), (200, "outside".to_string()));
     assert!(m.backends.iter().all(|b| b.served() == 0));
 }
+
+#[tokio::test]
+async fn connect_tunnels_reach_a_mesh_endpoint_or_an_outside_host() {
+    let m = mesh().await;
+    let outside = Backend::start("outside").await;
+    let out = m.proxy.outbound;
+    // curl -p: CONNECT orders.shop:80 first, then plain HTTP through the tunnel.
+    let r = curl(out, &["-p", "http://orders.shop/orders/1"]).await;
+    assert_eq!(r[0].0, 200, "{r:?}");
+    assert!(m.backends.iter().any(|b| backend_of(&r[0].1) == b.name), "{r:?}");
+    let r = curl(out, &["-p", &format!("http://127.0.0.1:{}/x", outside.port)]).await;
+    assert_eq!((r[0].0, backend_of(&r[0].1)), (200, "outside".to_string()));
+}

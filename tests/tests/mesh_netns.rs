@@ -9,10 +9,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use neutrino_tests::netns::{IP_B, PodProc, Pods};
+use neutrino_tests::netns::{IP_B, IP6_B, PodProc, Pods};
 use neutrino_tests::{bin, metric};
 
 const VIP: &str = "10.96.0.10";
+const VIP6: &str = "fd96::10";
 
 struct Mesh {
     pods: Pods,
@@ -59,7 +60,7 @@ fn mesh() -> Option<Mesh> {
     std::fs::write(
         &mesh_file,
         format!(
-            "services:\n  - name: echo\n    virtualIP: {VIP}\n    ports:\n      - {{port: 80, targetPort: 8080}}\n      - {{port: 9000, protocol: tcp}}\n      - {{port: 50051, protocol: grpc}}\n    endpoints:\n      - {{address: {IP_B}, name: echo-b, capacity: {{cpu: 2, memory: 2Gi}}}}\n"
+            "services:\n  - name: echo\n    virtualIP: {VIP}\n    ports:\n      - {{port: 80, targetPort: 8080}}\n      - {{port: 9000, protocol: tcp}}\n      - {{port: 50051, protocol: grpc}}\n    endpoints:\n      - {{address: {IP_B}, name: echo-b, capacity: {{cpu: 2, memory: 2Gi}}}}\n  - name: echo6\n    virtualIP: {VIP6}\n    ports: [{{port: 80, targetPort: 8080}}]\n    endpoints:\n      - {{address: \"{IP6_B}\", name: echo-b, capacity: {{cpu: 2, memory: 2Gi}}}}\n"
         ),
     )
     .unwrap();
@@ -81,7 +82,7 @@ fn mesh() -> Option<Mesh> {
         Pods::exec(
             &pods.b,
             &bin("neutrino-sample-app"),
-            &["serve", "--http", "0.0.0.0:8080", "--tcp", "0.0.0.0:9000", "--name", "echo-b"],
+            &["serve", "--http", "[::]:8080", "--tcp", "0.0.0.0:9000", "--name", "echo-b"],
         ),
         dir.path(),
     ));
@@ -165,4 +166,14 @@ fn destinations_and_ports_outside_the_mesh_pass_through() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["backend"], "not-in-mesh");
     assert_eq!(proxy_metric(&m.pods.a, "neutrino_proxy_passthrough_connections_total") - before, 1.0);
+}
+
+#[test]
+fn ipv6_destinations_are_intercepted_and_read_with_ip6t_so_original_dst() {
+    let Some(m) = mesh() else { return };
+    let before = proxy_metric(&m.pods.a, "neutrino_proxy_outbound_http_requests_total");
+    let out = curl_in(&m.pods.a, &["-g", &format!("http://[{VIP6}]/v6")]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["backend"], "echo-b", "{out}");
+    assert_eq!(proxy_metric(&m.pods.a, "neutrino_proxy_outbound_http_requests_total") - before, 1.0);
 }

@@ -96,6 +96,7 @@ impl Mesh {
         let empty = Default::default();
         let services = snapshot.resources(type_url::SERVICE).unwrap_or(&empty);
         let endpoints = snapshot.resources(type_url::ENDPOINTS).unwrap_or(&empty);
+        let capacity = snapshot.resources(type_url::CAPACITY).unwrap_or(&empty);
         for (name, res) in services {
             let Some(Body::Service(svc)) = &res.body else { continue };
             let eps = endpoints.get(name);
@@ -123,12 +124,37 @@ impl Mesh {
             for h in &svc.hostnames {
                 mesh.by_host.insert(h.to_ascii_lowercase().into_boxed_str(), idx);
             }
+            let report = capacity.get(name).and_then(|c| match &c.body {
+                Some(Body::Capacity(c)) => Some(c),
+                _ => None,
+            });
+            apply_reports(&entry, report);
             for e in &entry.endpoints.endpoints {
                 mesh.loads.insert((Arc::clone(&entry.key), e.addr), Arc::clone(&e.load));
             }
             mesh.services.push(entry);
         }
         mesh
+    }
+}
+
+/// Sets each endpoint's reported load from the service's `Capacity` resource (parts per
+/// million of its capacity, per dimension); endpoints without a report carry none.
+fn apply_reports(entry: &ServiceEntry, report: Option<&pb::Capacity>) {
+    for e in &entry.endpoints.endpoints {
+        let found = report.and_then(|r| {
+            r.loads
+                .iter()
+                .find(|l| l.address.parse::<IpAddr>().ok() == Some(e.addr.ip()) && l.port as u16 == e.addr.port())
+        });
+        let used = match found {
+            Some(l) => {
+                let scale = |cap: u64, ppm: u32| (u128::from(cap) * u128::from(ppm) / 1_000_000) as u64;
+                [scale(e.capacity[0], l.cpu_ppm), scale(e.capacity[1], l.memory_ppm), scale(e.capacity[2], l.gpu_ppm)]
+            }
+            None => [0; 3],
+        };
+        e.load.set_reported(used);
     }
 }
 
@@ -270,6 +296,36 @@ mod tests {
         assert_eq!(e.capacity[0], 2000);
         assert_eq!(e.load.in_flight(), [300, 0, 0]);
         assert_eq!(changed.services()[0].routes.len(), 2);
+    }
+
+    #[test]
+    fn reported_load_from_the_capacity_lane_counts_in_selection() {
+        let snap = snapshot(1000, false);
+        let applier = Applier::new(Arc::default());
+        let mut all = vec![];
+        for t in [type_url::SERVICE, type_url::ENDPOINTS] {
+            all.push(Update {
+                type_url: t.into(),
+                upserts: snap.resources(t).expect("type").values().map(|r| pb::Resource::clone(r)).collect(),
+                removed: vec![],
+            });
+        }
+        let load = pb::EndpointLoad { address: "10.1.0.1".into(), port: 0, cpu_ppm: 900_000, ..Default::default() };
+        all.push(Update {
+            type_url: type_url::CAPACITY.into(),
+            upserts: vec![pb::Resource::with_content_version(
+                "shop/orders".into(),
+                Body::Capacity(pb::Capacity { service: "shop/orders".into(), loads: vec![load] }),
+            )],
+            removed: vec![],
+        });
+        let with_report = applier.apply_all(all).expect("valid");
+        let m = Mesh::compile(&with_report, &Mesh::default());
+        let s = &m.services()[0];
+        assert_eq!(s.endpoints.endpoints[0].load.used(), [900, 0, 0]);
+        // 90 % reported busy: a request for 200 millicores no longer fits.
+        assert!(s.endpoints.pick(&[200, 0, 0], None).is_err());
+        assert!(s.endpoints.pick(&[100, 0, 0], None).is_ok());
     }
 
     #[test]
