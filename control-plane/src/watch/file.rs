@@ -25,9 +25,10 @@ pub struct FileSource {
 }
 
 /// What was read last time, to skip work when nothing changed.
-#[derive(PartialEq)]
 struct Read {
     mesh: Vec<u8>,
+    /// The mesh file parsed, when it parsed: reused while its bytes are unchanged.
+    parsed: Option<MeshState>,
     specs: BTreeMap<String, Result<Arc<[u8]>, String>>,
 }
 
@@ -52,7 +53,12 @@ impl FileSource {
         // Watch directories, not files: an editor's rename-over replaces the inode, which
         // would silently end a watch on the file itself. Any event in a watched
         // directory triggers a re-read; unchanged bytes are then skipped.
-        let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            // Opening or reading a file (our own reads included) changes nothing; only
+            // writes, creations, renames and removals call for a re-read.
+            if matches!(&res, Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_))) {
+                return;
+            }
             // A full channel already holds a pending re-read: dropping is correct.
             let _ = tick_tx.try_send(());
         })
@@ -108,7 +114,7 @@ impl FileSource {
             // Usually a writer that truncated and has not written yet; an intended empty
             // mesh is spelled `services: []`. Never publish it.
             let changed = last.as_ref().is_none_or(|l| !l.mesh.is_empty());
-            *last = Some(Read { mesh, specs: BTreeMap::new() });
+            *last = Some(Read { mesh, parsed: None, specs: BTreeMap::new() });
             return changed.then(|| {
                 SourceEvent::Failed(format!(
                     "{}: the file is empty (mid-write?); keeping the last good state. To remove every service write `services: []`",
@@ -116,20 +122,31 @@ impl FileSource {
                 ))
             });
         }
-        let mut state = match mesh_file::parse(&self.path, &mesh) {
+        // Parsing a large mesh file costs far more than comparing its bytes.
+        let same_bytes = last.as_ref().is_some_and(|l| l.mesh == mesh);
+        let parsed = match last.as_ref().filter(|_| same_bytes) {
+            Some(l) => match &l.parsed {
+                Some(state) => Ok(state.clone()),
+                None => return None, // the same invalid bytes: already reported
+            },
+            None => mesh_file::parse(&self.path, &mesh),
+        };
+        let mut state = match parsed {
             Ok(state) => state,
             Err(e) => {
-                let changed = last.as_ref().is_none_or(|l| l.mesh != mesh);
-                *last = Some(Read { mesh, specs: BTreeMap::new() });
-                return changed.then(|| SourceEvent::Failed(e.to_string()));
+                *last = Some(Read { mesh, parsed: None, specs: BTreeMap::new() });
+                return Some(SourceEvent::Failed(e.to_string()));
             }
         };
         state.specs = read_specs(&state).await;
-        let read = Read { mesh, specs: state.specs.clone() };
-        if last.as_ref() == Some(&read) {
+        if same_bytes && last.as_ref().is_some_and(|l| l.specs == state.specs) {
             return None;
         }
-        *last = Some(read);
+        *last = Some(Read {
+            mesh,
+            parsed: Some(MeshState { specs: BTreeMap::new(), ..state.clone() }),
+            specs: state.specs.clone(),
+        });
         Some(SourceEvent::Updated(state))
     }
 }

@@ -162,10 +162,14 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<MeshState, MeshFileError> {
     let mut claimed: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
     let mut hostnames: BTreeMap<String, String> = BTreeMap::new();
     for (i, svc) in doc.services.into_iter().enumerate() {
-        let line = line_of_service(&text, i);
         let what = format!("services[{i}] ({}/{})", svc.namespace, svc.name);
-        let invalid =
-            |message: String| MeshFileError::Invalid { path: shown.clone(), line, what: what.clone(), message };
+        // The line is looked up only for an error: finding it scans the file.
+        let invalid = |message: String| MeshFileError::Invalid {
+            path: shown.clone(),
+            line: line_of_service(&text, i),
+            what: what.clone(),
+            message,
+        };
         let service = check_service(svc, base).map_err(invalid)?;
         let key = service.key();
         for vip in &service.virtual_ips {

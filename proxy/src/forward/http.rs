@@ -220,12 +220,11 @@ async fn wait_for_room(
             {
                 let why = match (nofit.eligible, nofit.least_over) {
                     (0, _) => format!("no ready endpoints for {}", svc.key),
-                    (n, _) if nofit.too_big => {
-                        format!(
-                            "none of the {n} endpoints of {} has the resources operation {operation:?} needs",
-                            svc.key
-                        )
-                    }
+                    (_, _) if nofit.too_big => format!(
+                        "none of the {} endpoints of {} has the resources operation {operation:?} needs",
+                        svc.endpoints.endpoints.len(),
+                        svc.key
+                    ),
                     (n, None) => format!("no capacity on the {n} endpoints of {}", svc.key),
                     (n, Some(u)) => format!(
                         "no capacity: the least loaded of {n} endpoints of {} would be at {:.0}% with this request",

@@ -148,6 +148,11 @@ impl EndpointSet {
     pub fn pick(&self, cost: &[u64; DIMS], avoid: Option<usize>) -> Result<Choice, NoFit> {
         let now = now_ms();
         let weights = if cost[2] > 0 { &self.gpu_weights } else { &self.weights };
+        if weights.is_empty() && !self.endpoints.is_empty() {
+            // It needs a resource no endpoint has: waiting will not help.
+            let eligible = self.endpoints.iter().filter(|e| e.ready).count();
+            return Err(NoFit { eligible, least_over: None, too_big: true });
+        }
         let choose = |honour_health: bool| {
             let view = |i: usize| {
                 let e = &self.endpoints[i];
@@ -221,5 +226,11 @@ mod tests {
             }
         }
         assert!(s.pick(&[1, 0, 0], None).is_ok(), "all ejected: all eligible again");
+    }
+
+    #[test]
+    fn a_gpu_request_with_no_gpu_endpoint_is_too_big_not_unavailable() {
+        let e = set(3).pick(&[1, 0, 1], None).expect_err("no GPUs");
+        assert_eq!(e, NoFit { eligible: 3, least_over: None, too_big: true });
     }
 }
