@@ -94,23 +94,24 @@ pub fn spawn(
                         tracing::error!(%service, "index: {why}; keeping its last good routes");
                         metrics.openapi_errors.inc();
                     }
-                    let config =
-                        Snapshot { generation: generation + 1, by_type: translate::config(&mesh, &resolved.routes) };
-                    let capacity = Snapshot { generation: generation + 1, by_type: translate::capacity(&mesh) };
-                    let config_changed = !config.same_content(&config_tx.borrow());
-                    let capacity_changed = !capacity.same_content(&capacity_tx.borrow());
+                    let next = generation + 1;
+                    let config = Snapshot::succeed(&config_tx.borrow(), next, translate::config(&mesh, &resolved.routes));
+                    let capacity = Snapshot::succeed(&capacity_tx.borrow(), next, translate::capacity(&mesh));
                     let first = generation == 0;
-                    if config_changed || capacity_changed || first {
-                        generation += 1;
+                    if config.is_some() || capacity.is_some() || first {
+                        generation = next;
                         metrics.snapshot_generation.set(i64::try_from(generation).unwrap_or(i64::MAX));
                         metrics.snapshots_published.inc();
                         tracing::info!(generation, services = mesh.services.len(), "index: publishing snapshot");
                     }
-                    if config_changed || first {
-                        config_tx.send_replace(Arc::new(config));
+                    // The first snapshot goes out even when empty: it is what makes
+                    // streams (and so proxies) ready.
+                    let empty = || Snapshot { generation: next, ..Default::default() };
+                    if let Some(c) = config.or_else(|| first.then(empty)) {
+                        config_tx.send_replace(Arc::new(c));
                     }
-                    if capacity_changed || first {
-                        capacity_tx.send_replace(Arc::new(capacity));
+                    if let Some(c) = capacity.or_else(|| first.then(empty)) {
+                        capacity_tx.send_replace(Arc::new(c));
                     }
                     let endpoints = mesh.services.values().map(|s| s.endpoints.len()).sum();
                     let mut s = SourceStatus::clone(&status.load());

@@ -27,6 +27,9 @@ pub struct Subscription {
     pub dirty: bool,
     /// The first response for this subscription has gone out (even if it was empty).
     pub initial_sent: bool,
+    /// The map last diffed against and its snapshot's generation: an unchanged map
+    /// needs no diff, and a map one step newer needs only its changed names looked at.
+    pub last_diffed: Option<(Arc<ResourceMap>, u64)>,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -45,6 +48,10 @@ impl Subscription {
     /// Applies a request's subscription fields. `first` is true for the first request of
     /// this type on the stream, the only one whose initial versions count.
     pub fn update(&mut self, req: &DiscoveryRequest, first: bool) {
+        if first || !req.subscribe.is_empty() || !req.unsubscribe.is_empty() {
+            // What the proxy wants changed: the next diff looks at everything.
+            self.last_diffed = None;
+        }
         if first {
             // As in xDS: an empty first subscription means "everything".
             if req.subscribe.is_empty() {
@@ -108,6 +115,27 @@ impl Subscription {
         }
         delta.removed.sort();
         delta.removed.dedup();
+        delta
+    }
+
+    /// Like [`Subscription::diff`], looking only at `names` (the names that changed in
+    /// `snapshot` since the snapshot last diffed).
+    pub fn diff_names(&self, snapshot: &ResourceMap, names: &[String]) -> Delta {
+        let mut delta = Delta::default();
+        for name in names {
+            let wanted = self.wildcard || self.names.contains(name);
+            if !wanted {
+                continue;
+            }
+            match (snapshot.get(name), self.held.get(name)) {
+                (Some(r), held) if held.map(String::as_str) != Some(r.version.as_str()) => {
+                    delta.resources.push(Arc::clone(r));
+                }
+                (None, Some(v)) if v != ABSENT => delta.removed.push(name.clone()),
+                (None, None) if self.names.contains(name) => delta.removed.push(name.clone()),
+                _ => {}
+            }
+        }
         delta
     }
 
@@ -221,6 +249,21 @@ mod tests {
         assert!(s.diff(Some(&v)).is_empty());
         s.update(&req(&["a"], &[]), false);
         assert_eq!(names(&s.diff(Some(&v))), ["a"]);
+    }
+
+    #[test]
+    fn diffing_only_changed_names_gives_the_same_delta_as_a_full_diff() {
+        let mut s = Subscription::default();
+        s.update(&req(&["*", "later"], &[]), true);
+        let v1 = snap(&[("a", 1), ("b", 1), ("c", 1)]);
+        let d = s.diff(Some(&v1));
+        s.sent(&d);
+        let v2 = snap(&[("a", 2), ("c", 1), ("later", 1)]);
+        let changed: Vec<String> = ["a", "b", "later"].iter().map(|x| x.to_string()).collect();
+        assert_eq!(s.diff_names(&v2, &changed), s.diff(Some(&v2)));
+        let d = s.diff_names(&v2, &changed);
+        assert_eq!(names(&d), ["a", "later"]);
+        assert_eq!(d.removed, ["b"]);
     }
 
     #[test]

@@ -249,7 +249,18 @@ impl Connection {
         if snapshot.generation == 0 {
             return Ok(());
         }
-        let delta = sub.diff(snapshot.resources(type_url));
+        let map = snapshot.by_type.get(type_url).cloned();
+        let last = sub.last_diffed.as_ref().filter(|_| sub.initial_sent);
+        let delta = match (&map, last, snapshot.changes.get(type_url)) {
+            // The same map as last time: nothing to look at.
+            (Some(m), Some((seen, _)), _) if Arc::ptr_eq(m, seen) => return Ok(()),
+            // One publish later: only the names that changed can differ.
+            (Some(m), Some((_, generation)), Some(changes)) if changes.since == *generation => {
+                sub.diff_names(m, &changes.names)
+            }
+            _ => sub.diff(map.as_deref()),
+        };
+        sub.last_diffed = map.map(|m| (m, snapshot.generation));
         if delta.is_empty() && sub.initial_sent {
             return Ok(());
         }

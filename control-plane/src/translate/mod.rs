@@ -22,14 +22,55 @@ pub struct Snapshot {
     /// Increases with every published change; reported as `system_version`.
     pub generation: u64,
     pub by_type: BTreeMap<&'static str, Arc<ResourceMap>>,
+    /// Per type, what differs from the previous snapshot of the same lane: lets a stream
+    /// that is up to date look at only those names instead of the whole type.
+    pub changes: BTreeMap<&'static str, Arc<Changes>>,
+}
+
+/// Names added, changed or removed since the snapshot of generation `since`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub since: u64,
+    pub names: Vec<String>,
 }
 
 impl Snapshot {
+    /// The snapshot after `previous` holding `by_type`. Types whose content did not
+    /// change keep `previous`'s map (the same `Arc`, so streams can skip them with a
+    /// pointer comparison); the others record which names changed. None when nothing
+    /// changed at all.
+    pub fn succeed(
+        previous: &Snapshot,
+        generation: u64,
+        by_type: BTreeMap<&'static str, Arc<ResourceMap>>,
+    ) -> Option<Snapshot> {
+        let mut next = Snapshot { generation, by_type: BTreeMap::new(), changes: BTreeMap::new() };
+        let mut changed = previous.by_type.keys().any(|t| !by_type.contains_key(t));
+        for (t, map) in by_type {
+            match previous.by_type.get(t) {
+                Some(old) if same_versions(old, &map) => {
+                    next.by_type.insert(t, Arc::clone(old));
+                }
+                old => {
+                    changed = true;
+                    let names = match old {
+                        Some(old) => changed_names(old, &map),
+                        None => map.keys().cloned().collect(),
+                    };
+                    next.changes.insert(t, Arc::new(Changes { since: previous.generation, names }));
+                    next.by_type.insert(t, map);
+                }
+            }
+        }
+        changed.then_some(next)
+    }
+
     pub fn resources(&self, type_url: &str) -> Option<&ResourceMap> {
         self.by_type.get(type_url).map(|m| m.as_ref())
     }
 
     /// True when both hold the same names at the same versions.
+    #[cfg(test)]
     pub fn same_content(&self, other: &Snapshot) -> bool {
         self.by_type.len() == other.by_type.len()
             && self.by_type.iter().zip(other.by_type.iter()).all(|((ta, a), (tb, b))| {
@@ -38,6 +79,22 @@ impl Snapshot {
                     && a.iter().zip(b.iter()).all(|((na, ra), (nb, rb))| na == nb && ra.version == rb.version)
             })
     }
+}
+
+fn same_versions(a: &ResourceMap, b: &ResourceMap) -> bool {
+    a.len() == b.len() && a.iter().zip(b.iter()).all(|((na, ra), (nb, rb))| na == nb && ra.version == rb.version)
+}
+
+/// Names in either map whose version differs (or that only one has), sorted.
+fn changed_names(old: &ResourceMap, new: &ResourceMap) -> Vec<String> {
+    let mut names: Vec<String> = new
+        .iter()
+        .filter(|(n, r)| old.get(*n).map(|o| &o.version) != Some(&r.version))
+        .map(|(n, _)| n.clone())
+        .chain(old.keys().filter(|n| !new.contains_key(*n)).cloned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// The config lane: `Service` (with routes from `routes`, by service key) and `Endpoints`.
@@ -155,10 +212,15 @@ mod tests {
 
     #[test]
     fn snapshot_content_comparison() {
-        let a = Snapshot { generation: 1, by_type: config(&mesh("1"), &BTreeMap::new()) };
-        let b = Snapshot { generation: 2, by_type: config(&mesh("1"), &BTreeMap::new()) };
-        let c = Snapshot { generation: 3, by_type: config(&mesh("3"), &BTreeMap::new()) };
+        let snap =
+            |g, cpu| Snapshot { generation: g, by_type: config(&mesh(cpu), &BTreeMap::new()), ..Default::default() };
+        let (a, b, c) = (snap(1, "1"), snap(2, "1"), snap(3, "3"));
         assert!(a.same_content(&b));
         assert!(!a.same_content(&c));
+        assert!(Snapshot::succeed(&a, 2, b.by_type.clone()).is_none(), "nothing changed");
+        let next = Snapshot::succeed(&a, 2, c.by_type.clone()).expect("changed");
+        assert!(Arc::ptr_eq(&next.by_type[type_url::SERVICE], &a.by_type[type_url::SERVICE]), "unchanged type reused");
+        assert!(!next.changes.contains_key(type_url::SERVICE));
+        assert_eq!(*next.changes[type_url::ENDPOINTS], Changes { since: 1, names: vec!["default/a".to_string()] });
     }
 }

@@ -142,12 +142,10 @@ fn candidate(mut base: Snapshot, update: Update) -> Result<Snapshot, (Snapshot, 
     for r in &update.upserts {
         map.insert(r.name.clone(), Arc::new(r.clone()));
     }
-    let services_after = if update.type_url == type_url::SERVICE {
-        map.clone()
-    } else {
-        base.resources(type_url::SERVICE).cloned().unwrap_or_default()
-    };
-    let problems = validate::check(&update.type_url, &update.upserts, &services_after);
+    let none = ResourceMap::new();
+    let services_after =
+        if update.type_url == type_url::SERVICE { &map } else { base.resources(type_url::SERVICE).unwrap_or(&none) };
+    let problems = validate::check(&update.type_url, &update.upserts, services_after);
     if !problems.is_empty() {
         return Err((base, problems));
     }
