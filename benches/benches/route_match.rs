@@ -6,6 +6,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Method;
+use neutrino_proxy::route::table::example_path;
 use neutrino_proxy::route::{Cost, RouteTable};
 
 fn document() -> Vec<neutrino_proto::Route> {
@@ -19,29 +20,17 @@ fn document() -> Vec<neutrino_proto::Route> {
     }
 }
 
-fn instantiate(template: &str) -> String {
-    let mut out = String::new();
-    let mut in_param = false;
-    for c in template.chars() {
-        match c {
-            '{' => in_param = true,
-            '}' => {
-                in_param = false;
-                out.push_str("my-object-7");
-            }
-            c if !in_param => out.push(c),
-            _ => {}
-        }
-    }
-    out
-}
-
 fn bench(c: &mut Criterion) {
     let routes = document();
     let table = RouteTable::compile(&routes, Cost::default());
     let requests: Vec<(Method, String)> = routes
         .iter()
-        .map(|r| (Method::from_bytes(r.method.as_bytes()).unwrap_or(Method::GET), instantiate(&r.path_template)))
+        .map(|r| {
+            (
+                Method::from_bytes(r.method.as_bytes()).unwrap_or(Method::GET),
+                example_path(&r.path_template, "my-object-7"),
+            )
+        })
         .collect();
     let mut g = c.benchmark_group("route_match");
     g.bench_function("kubernetes_248_ops/lookup_each_operation", |b| {

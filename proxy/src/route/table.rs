@@ -213,6 +213,25 @@ impl RouteTable {
     }
 }
 
+/// A concrete path for `template`, every parameter replaced by `value` (for tests and
+/// benchmarks that need a request for each operation).
+pub fn example_path(template: &str, value: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut in_param = false;
+    for c in template.chars() {
+        match c {
+            '{' => in_param = true,
+            '}' => {
+                in_param = false;
+                out.push_str(value);
+            }
+            c if !in_param => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,24 +322,6 @@ mod tests {
         neutrino_control_plane::translate::openapi::routes(&bytes).expect("parses").routes
     }
 
-    /// Fills a template's parameters with a value that cannot be mistaken for a literal.
-    fn instantiate(template: &str) -> String {
-        let mut out = String::new();
-        let mut in_param = false;
-        for c in template.chars() {
-            match c {
-                '{' => in_param = true,
-                '}' => {
-                    in_param = false;
-                    out.push_str("zz9");
-                }
-                c if !in_param => out.push(c),
-                _ => {}
-            }
-        }
-        out
-    }
-
     #[test]
     fn every_operation_of_real_documents_matches_itself() {
         for file in ["kubernetes-v1.35-api__v1_openapi.json", "twilio_api_v2010.json", "ory-kratos-v26.2.0.json"] {
@@ -328,7 +329,7 @@ mod tests {
             let t = RouteTable::compile(&routes, Cost::default());
             for r in &routes {
                 let m = Method::from_bytes(r.method.as_bytes()).expect("method");
-                let got = t.lookup(&m, &instantiate(&r.path_template));
+                let got = t.lookup(&m, &example_path(&r.path_template, "zz9"));
                 // Several operations may share a template and method only if the
                 // document repeats itself; then the first one listed wins.
                 assert_eq!(&*got.path_template, r.path_template.as_str(), "{file}: {} {}", r.method, r.path_template);
