@@ -40,7 +40,7 @@ struct Mesh {
     backends: Vec<Backend>,
     _spec: tempfile::TempDir,
     _mesh: MeshFile,
-    _cp: ControlPlane,
+    cp: ControlPlane,
     proxy: Proxy,
 }
 
@@ -64,7 +64,7 @@ async fn mesh() -> Mesh {
     let cp = ControlPlane::start(&mesh.path(), &[]);
     let proxy = Proxy::start_with(cp.grpc, &["--queue-timeout-ms", "200", "--namespace", "shop"]);
     proxy.wait_ready().await;
-    Mesh { backends, _spec: spec, _mesh: mesh, _cp: cp, proxy }
+    Mesh { backends, _spec: spec, _mesh: mesh, cp, proxy }
 }
 
 /// Runs curl through the proxy (off the test's runtime); returns (status, body) per URL.
@@ -200,4 +200,28 @@ async fn connect_tunnels_reach_a_mesh_endpoint_or_an_outside_host() {
     assert!(m.backends.iter().any(|b| backend_of(&r[0].1) == b.name), "{r:?}");
     let r = curl(out, &["-p", &format!("http://127.0.0.1:{}/x", outside.port)]).await;
     assert_eq!((r[0].0, backend_of(&r[0].1)), (200, "outside".to_string()));
+}
+
+#[tokio::test]
+async fn a_request_that_does_not_fit_yet_waits_for_room_and_then_runs() {
+    let m = mesh().await;
+    // A proxy that may queue for up to 5 s.
+    let patient = Proxy::start_with(m.cp.grpc, &["--queue-timeout-ms", "5000", "--namespace", "shop"]);
+    patient.wait_ready().await;
+    let out = patient.outbound;
+    let first = tokio::spawn(async move { curl(out, &["-X", "POST", "http://orders.shop/delay/800"]).await });
+    wait_for("the first heavy request to reach the large backend", Duration::from_secs(5), || async {
+        anyhow::ensure!(m.backends[2].served() == 1, "not yet");
+        Ok(())
+    })
+    .await;
+    // Does not fit while the first runs; it queues instead of failing. The backend
+    // answers it at once, so its whole time is the wait for the first to finish.
+    let started = std::time::Instant::now();
+    let second = curl(out, &["-X", "POST", "http://orders.shop/orders/2/render"]).await;
+    let waited = started.elapsed();
+    let first = first.await.unwrap();
+    assert_eq!(first[0].0, 200);
+    assert_eq!((second[0].0, backend_of(&second[0].1)), (200, "large".to_string()), "{second:?}");
+    assert!(waited >= Duration::from_millis(300), "it waited for room ({waited:?})");
 }

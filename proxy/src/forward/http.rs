@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -211,13 +211,11 @@ async fn wait_for_room(
     avoid: Option<usize>,
     operation: &str,
 ) -> Result<crate::select::Choice, Response<ProxyBody>> {
-    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + shared.settings.queue_timeout;
     loop {
         match svc.endpoints.pick(cost, avoid) {
             Ok(c) => return Ok(c),
-            Err(nofit)
-                if started.elapsed() >= shared.settings.queue_timeout || nofit.too_big || nofit.eligible == 0 =>
-            {
+            Err(nofit) if tokio::time::Instant::now() >= deadline || nofit.too_big || nofit.eligible == 0 => {
                 let why = match (nofit.eligible, nofit.least_over) {
                     (0, _) => format!("no ready endpoints for {}", svc.key),
                     (_, _) if nofit.too_big => format!(
@@ -237,8 +235,13 @@ async fn wait_for_room(
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return Err(r);
             }
-            // Room frees up as responses finish; check again shortly.
-            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            // Room frees up as responses finish: wait for one to, then pick again. A
+            // pushed load report can free room too, without a release: look again at
+            // least every 50 ms.
+            Err(_) => {
+                let slice = (tokio::time::Instant::now() + Duration::from_millis(50)).min(deadline);
+                crate::select::endpoints::released_or(slice).await;
+            }
         }
     }
 }

@@ -8,11 +8,24 @@
 //! Nothing here blocks or locks.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::{Candidate, Choice, DIMS, NoFit, Weights};
+
+/// Woken when any request releases its cost while some request waits for room.
+static RELEASED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// How many requests wait for room: releases only notify when someone listens.
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits until some request's cost is released (anywhere in this proxy), or until
+/// `deadline`. Spurious wake-ups are expected: the caller picks again.
+pub async fn released_or(deadline: tokio::time::Instant) {
+    WAITING.fetch_add(1, Ordering::SeqCst);
+    let _ = tokio::time::timeout_at(deadline, RELEASED.notified()).await;
+    WAITING.fetch_sub(1, Ordering::SeqCst);
+}
 
 /// Milliseconds on a monotonic clock private to this process.
 pub fn now_ms() -> u64 {
@@ -112,6 +125,9 @@ impl Drop for InFlight {
             slot.fetch_sub(c, Ordering::Relaxed);
         }
         self.load.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+        if WAITING.load(Ordering::SeqCst) > 0 {
+            RELEASED.notify_waiters();
+        }
     }
 }
 
