@@ -2,6 +2,7 @@
 //! components and prints what it finds.
 
 mod demo;
+mod logs;
 mod show;
 mod workload;
 
@@ -31,6 +32,28 @@ enum Command {
         #[arg(long, default_value_t = 800)]
         requests: usize,
     },
+    /// Print the request log (one record per request, written by every proxy to Redis).
+    Logs {
+        #[arg(long, env = "NEUTRINO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        #[arg(long, default_value = "neutrino:requests")]
+        stream: String,
+        /// Only this service ("<namespace>/<name>").
+        #[arg(long)]
+        service: Option<String>,
+        /// Only this OpenAPI operation id.
+        #[arg(long)]
+        operation: Option<String>,
+        /// Only this status ("503") or class ("5xx").
+        #[arg(long)]
+        status: Option<String>,
+        /// How many of the newest matching records to print first.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        count: usize,
+        /// Keep printing new records as they arrive.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// Print the config a running proxy holds (from its admin /config_dump).
     Config {
         /// The proxy's admin address.
@@ -43,6 +66,10 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo { mesh_file, keep_running, requests } => demo::run(&mesh_file, keep_running, requests).await,
+        Command::Logs { redis_url, stream, service, operation, status, count, follow } => {
+            let filter = logs::Filter { service, operation, status };
+            logs::run(&redis_url, &stream, &filter, count, follow).await
+        }
         Command::Config { admin } => {
             let dump = show::fetch(&admin).await?;
             print!("{}", show::render(&dump));

@@ -13,6 +13,7 @@ pub mod init;
 pub mod metrics;
 pub mod route;
 pub mod select;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ pub struct Settings {
     pub inbound_app_addr: Option<SocketAddr>,
     /// On shutdown, how long open inbound connections may take to finish.
     pub drain_timeout: std::time::Duration,
+    /// Where the request log goes, if anywhere.
+    pub request_log: Option<telemetry::request_log::Settings>,
     pub data: forward::DataSettings,
 }
 
@@ -53,6 +56,8 @@ pub struct Settings {
 pub enum RunError {
     #[error("binding {what} on {addr}: {source}; is another process using the port?")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("request log: {0}; check --redis-url (e.g. redis://127.0.0.1:6379)")]
+    RequestLog(#[from] redis::RedisError),
 }
 
 /// A running proxy's shared parts, for embedding (tests, benchmarks).
@@ -95,12 +100,21 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let handles = start_config(settings.config);
     let mesh = Arc::new(ArcSwap::from_pointee(route::Mesh::default()));
     tokio::spawn(compile_mesh(Arc::clone(&handles.store), Arc::clone(&mesh)));
+    let request_log = match settings.request_log {
+        Some(s) => Some(telemetry::request_log::spawn(
+            s,
+            handles.metrics.data.request_log_written.clone(),
+            handles.metrics.data.request_log_dropped.clone(),
+        )?),
+        None => None,
+    };
     let shared = Arc::new(forward::Shared {
         mesh,
         upstreams: forward::Upstreams::new(&settings.data),
         settings: settings.data,
         retry_budget: Default::default(),
         metrics: Arc::clone(&handles.metrics),
+        request_log,
     });
     tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));
     // ip6tables sends IPv6 traffic to the same ports on IPv6 addresses: listen there

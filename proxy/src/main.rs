@@ -41,6 +41,15 @@ struct Args {
     /// default list: 21,22,25,110,143,465,587,993,995,3306,5432,6379,11211,27017).
     #[arg(long, value_delimiter = ',')]
     no_sniff_ports: Option<Vec<u16>>,
+    /// Write one record per request to this Redis (a Stream; see `neutrino logs`).
+    #[arg(long, env = "NEUTRINO_REDIS_URL")]
+    redis_url: Option<String>,
+    /// The Redis Stream the request log goes to.
+    #[arg(long, default_value = "neutrino:requests")]
+    request_log_stream: String,
+    /// The request log is trimmed to about this many records.
+    #[arg(long, default_value_t = 100_000)]
+    request_log_max_len: u64,
     /// On SIGTERM, how long open inbound connections may take to finish (seconds).
     #[arg(long, default_value_t = 30)]
     drain_timeout_secs: u64,
@@ -82,23 +91,22 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", neutrino_proxy::init::run(init)?);
         return Ok(());
     }
-    let config = match args.config_file {
+    let pod = if args.pod.is_empty() { hostname() } else { args.pod.clone() };
+    let source = format!("{pod}.{}", args.namespace);
+    let config = match args.config_file.clone() {
         Some(path) => ConfigSource::File(path),
-        None => {
-            let pod = if args.pod.is_empty() { hostname() } else { args.pod };
-            ConfigSource::Stream(StreamSettings {
-                control_plane: args.control_plane,
-                node: Node {
-                    id: format!("{pod}.{}", args.namespace),
-                    pod,
-                    namespace: args.namespace.clone(),
-                    service_account: args.service_account,
-                    zone: args.zone,
-                },
-                backoff_min: Duration::from_millis(args.backoff_min_ms),
-                backoff_max: Duration::from_millis(args.backoff_max_ms),
-            })
-        }
+        None => ConfigSource::Stream(StreamSettings {
+            control_plane: args.control_plane.clone(),
+            node: Node {
+                id: source.clone(),
+                pod,
+                namespace: args.namespace.clone(),
+                service_account: args.service_account.clone(),
+                zone: args.zone.clone(),
+            },
+            backoff_min: Duration::from_millis(args.backoff_min_ms),
+            backoff_max: Duration::from_millis(args.backoff_max_ms),
+        }),
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -109,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let data = neutrino_proxy::forward::DataSettings {
         namespace: args.namespace.as_str().into(),
+        source: source.as_str().into(),
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
         server_first_ports: args
@@ -124,6 +133,12 @@ async fn main() -> anyhow::Result<()> {
         inbound_addr: args.inbound_addr,
         inbound_app_addr: args.inbound_app_addr,
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        request_log: args.redis_url.clone().map(|redis_url| neutrino_proxy::telemetry::request_log::Settings {
+            redis_url,
+            stream: args.request_log_stream.clone(),
+            max_len: args.request_log_max_len,
+            queue: 8192,
+        }),
         data,
     };
     neutrino_proxy::run(settings, shutdown).await?;

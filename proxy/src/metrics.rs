@@ -29,6 +29,8 @@ pub struct DataMetrics {
     pub no_capacity: Counter,
     pub retries: Counter,
     pub ejections: Counter,
+    pub request_log_written: Counter,
+    pub request_log_dropped: Counter,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +73,12 @@ impl Metrics {
         r.register("no_capacity", "Requests refused with 503 because no endpoint had room", d.no_capacity.clone());
         r.register("retries", "Requests sent again to another endpoint", d.retries.clone());
         r.register("ejections", "Endpoints ejected after consecutive failures", d.ejections.clone());
+        r.register("request_log_written", "Request records written to Redis", d.request_log_written.clone());
+        r.register(
+            "request_log_dropped",
+            "Request records dropped because Redis was slow or down",
+            d.request_log_dropped.clone(),
+        );
         let g: Gauge = Gauge::default();
         g.set(i64::try_from(generation).unwrap_or(i64::MAX));
         r.register("config_generation", "Generation of the published config snapshot", g);

@@ -193,6 +193,57 @@ impl ControlPlane {
     }
 }
 
+/// A real Redis server on a free loopback port, without persistence.
+pub struct RedisServer {
+    pub proc: Option<std::process::Child>,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        RedisServer::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (the test script installs it)");
+        let server = RedisServer { proc: Some(child), port };
+        wait_for("redis-server to answer PING", Duration::from_secs(10), || async {
+            let mut c = redis_client(port).get_multiplexed_async_connection().await?;
+            let pong: String = redis::cmd("PING").query_async(&mut c).await?;
+            anyhow::ensure!(pong == "PONG", "{pong}");
+            Ok(())
+        })
+        .await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.proc.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn redis_client(port: u16) -> redis::Client {
+    redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("redis URL")
+}
+
 pub struct Proxy {
     pub proc: Proc,
     pub admin: u16,

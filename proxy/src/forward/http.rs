@@ -37,7 +37,7 @@ pub struct ConnInfo {
 pub const REASON: HeaderName = HeaderName::from_static("x-neutrino-reason");
 
 /// Attempts per request, the first included.
-const MAX_ATTEMPTS: usize = 3;
+const MAX_ATTEMPTS: u32 = 3;
 
 fn answer(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     let mut r = Response::new(local(format!("{reason}\n")));
@@ -123,6 +123,12 @@ async fn to_service(
     };
     let op = svc.routes.lookup(req.method(), req.uri().path());
     let cost = op.cost.as_array();
+    // What the request log will say; only gathered when there is a log.
+    let mut log = shared.request_log.as_ref().map(|_| Outcome {
+        started: std::time::Instant::now(),
+        trace_id: crate::telemetry::trace_id(req.headers().get("traceparent")).to_string(),
+        ..Outcome::default()
+    });
     let timeout = op.timeout.unwrap_or(shared.settings.request_timeout);
     let h2 = match port.protocol {
         PortProtocol::Http2 | PortProtocol::Grpc => true,
@@ -138,19 +144,25 @@ async fn to_service(
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
     let mut avoid = None;
-    let mut attempt = 0;
+    let mut attempt: u32 = 0;
     loop {
         attempt += 1;
         let choice = match wait_for_room(shared, &svc, &cost, avoid, &op.operation_id).await {
             Ok(c) => c,
-            Err(refusal) => return refusal,
+            Err(refusal) => return logged(shared, &svc, op, log, refusal),
         };
         let endpoint = &svc.endpoints.endpoints[choice.index];
         let target = svc.target(endpoint, &port).to_string();
+        if let Some(l) = log.as_mut() {
+            l.endpoint.clone_from(&target);
+            l.endpoint_pod = Some(Arc::clone(&endpoint.pod));
+            l.reason = format!("{} at {:.0}%", choice.reason.as_str(), choice.utilization * 100.0);
+            l.attempts = attempt;
+        }
         let hold = InFlight::new(Arc::clone(&endpoint.load), cost);
         let head = match upstream::prepare(&parts, &target, h2, upgrading) {
             Ok(h) => h,
-            Err(f) => return failure_answer(f),
+            Err(f) => return logged(shared, &svc, op, log, failure_answer(f)),
         };
         let upstream_body = match body.take() {
             Some(b) => Either::Left(b),
@@ -179,11 +191,12 @@ async fn to_service(
                     upstream::splice_upgrade(down, &mut resp, hold);
                     let (mut parts, _) = resp.into_parts();
                     upstream::strip_hop_by_hop(&mut parts.headers, true);
-                    return Response::from_parts(parts, local(bytes::Bytes::new()));
+                    return logged(shared, &svc, op, log, Response::from_parts(parts, local(bytes::Bytes::new())));
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 upstream::strip_hop_by_hop(&mut rparts.headers, false);
-                return Response::from_parts(rparts, Either::Left(Held::new(rbody, Some(hold))));
+                let resp = Response::from_parts(rparts, Either::Left(Held::new(rbody, Some(hold))));
+                return logged(shared, &svc, op, log, resp);
             }
             Err(f) => {
                 if endpoint.load.record_failure(now_ms()) {
@@ -197,10 +210,68 @@ async fn to_service(
                     avoid = Some(choice.index);
                     continue;
                 }
-                return failure_answer(f);
+                return logged(shared, &svc, op, log, failure_answer(f));
             }
         }
     }
+}
+
+/// What the request log says about a request besides its service and operation.
+#[derive(Debug)]
+struct Outcome {
+    started: std::time::Instant,
+    trace_id: String,
+    endpoint: String,
+    endpoint_pod: Option<Arc<str>>,
+    reason: String,
+    attempts: u32,
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome {
+            started: std::time::Instant::now(),
+            trace_id: String::new(),
+            endpoint: String::new(),
+            endpoint_pod: None,
+            reason: String::new(),
+            attempts: 0,
+        }
+    }
+}
+
+/// Hands the request's record to the request log (if any) and returns `resp`.
+fn logged(
+    shared: &Shared,
+    svc: &ServiceEntry,
+    op: &crate::route::Operation,
+    outcome: Option<Outcome>,
+    resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    if let (Some(log), Some(o)) = (&shared.request_log, outcome) {
+        let reason = match resp.headers().get(REASON).and_then(|v| v.to_str().ok()) {
+            Some(refused) if o.reason.is_empty() => refused.to_string(),
+            _ => o.reason,
+        };
+        log.record(crate::telemetry::request_log::Record {
+            time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            trace_id: o.trace_id,
+            source: Arc::clone(&shared.settings.source),
+            service: Arc::clone(&svc.key),
+            operation: Arc::clone(&op.operation_id),
+            endpoint: o.endpoint,
+            endpoint_pod: o.endpoint_pod.unwrap_or_else(|| Arc::from("")),
+            status: resp.status().as_u16(),
+            latency_us: o.started.elapsed().as_micros() as u64,
+            cost: op.cost.as_array(),
+            reason,
+            attempts: o.attempts,
+        });
+    }
+    resp
 }
 
 /// Picks an endpoint with room, waiting up to the queue timeout; or the 503 to send.

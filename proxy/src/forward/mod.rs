@@ -27,6 +27,8 @@ use crate::route::Mesh;
 pub struct DataSettings {
     /// The proxy's namespace, to resolve bare service names in Host headers.
     pub namespace: Arc<str>,
+    /// Who this proxy speaks for (its node id), as the request log's source.
+    pub source: Arc<str>,
     /// Time to a response's head when the route sets no timeout.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
@@ -46,6 +48,7 @@ impl Default for DataSettings {
     fn default() -> Self {
         DataSettings {
             namespace: Arc::from("default"),
+            source: Arc::from(""),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
             queue_timeout: Duration::from_millis(500),
@@ -93,4 +96,6 @@ pub struct Shared {
     pub settings: DataSettings,
     pub retry_budget: retry::RetryBudget,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// One record per request to a Redis Stream, when configured.
+    pub request_log: Option<crate::telemetry::request_log::RequestLog>,
 }
