@@ -9,7 +9,8 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://ru
 
 # Real tools the end-to-end tests drive: iptables and iproute2 (network namespaces and
 # nat rules), util-linux (setpriv), curl (the HTTP client), python3 (http.server
-# backends), redis-server (the request log). Installed only when missing, so a developer's machine is left alone.
+# backends), redis-server (the request log). Installed only when missing, so a
+# developer's machine is left alone.
 need=()
 for pair in iptables:iptables ip:iproute2 setpriv:util-linux curl:curl python3:python3 redis-server:redis-server; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")

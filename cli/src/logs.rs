@@ -76,7 +76,10 @@ pub async fn run(redis_url: &str, stream: &str, filter: &Filter, count: usize, f
     for r in shown {
         println!("{}", line(r));
     }
-    while follow {
+    if !follow {
+        return Ok(());
+    }
+    loop {
         let reply: StreamReadReply = redis::cmd("XREAD")
             .arg("BLOCK")
             .arg(2000)
@@ -97,7 +100,6 @@ pub async fn run(redis_url: &str, stream: &str, filter: &Filter, count: usize, f
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
