@@ -203,7 +203,7 @@ async fn outbound(shared: Arc<Shared>, mut stream: TcpStream) {
     }
 }
 
-async fn inbound(shared: Arc<Shared>, stream: TcpStream, app: Option<SocketAddr>) {
+async fn inbound(shared: Arc<Shared>, mut stream: TcpStream, app: Option<SocketAddr>) {
     shared.metrics.data.inbound_connections.inc();
     let target = match (original_dst(&stream), app) {
         (Some(d), _) => {
@@ -216,8 +216,53 @@ async fn inbound(shared: Arc<Shared>, stream: TcpStream, app: Option<SocketAddr>
             return;
         }
     };
-    if let Err(e) = tcp::splice(stream, target, shared.settings.connect_timeout).await {
-        tracing::debug!("inbound to {target}: {e}");
+    let server_first = shared.settings.server_first_ports.contains(&target.port());
+    let (protocol, prefix) = if server_first {
+        (Protocol::Tcp, bytes::Bytes::new())
+    } else {
+        match detect::detect(&mut stream, shared.settings.detect_timeout).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!("inbound: reading the first bytes failed: {e}");
+                return;
+            }
+        }
+    };
+    let io = Rewind::new(prefix, stream);
+    match protocol {
+        // HTTP is served, so the pod's load can be measured and reported back.
+        Protocol::Http1 | Protocol::Http2 => serve_inbound_http(shared, target, io, protocol).await,
+        Protocol::Tls | Protocol::Tcp => {
+            if let Err(e) = tcp::splice(io, target, shared.settings.connect_timeout).await {
+                tracing::debug!("inbound to {target}: {e}");
+            }
+        }
+    }
+}
+
+async fn serve_inbound_http(shared: Arc<Shared>, app: SocketAddr, io: Rewind<TcpStream>, protocol: Protocol) {
+    let header_read_timeout = shared.settings.header_read_timeout;
+    let service = service_fn(move |req| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, std::convert::Infallible>(crate::forward::inbound::handle(shared, app, req).await) }
+    });
+    let result = if protocol == Protocol::Http2 {
+        http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(1024)
+            .serve_connection(TokioIo::new(io), service)
+            .await
+    } else {
+        http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = result {
+        tracing::debug!("inbound http connection: {e}");
     }
 }
 

@@ -114,6 +114,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         settings: settings.data,
         retry_budget: Default::default(),
         metrics: Arc::clone(&handles.metrics),
+        pod_load: Default::default(),
         request_log,
     });
     tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));

@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let pod = if args.pod.is_empty() { hostname() } else { args.pod.clone() };
+    let pod_name = pod.clone();
     let source = format!("{pod}.{}", args.namespace);
     let config = match args.config_file.clone() {
         Some(path) => ConfigSource::File(path),
@@ -118,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
     let data = neutrino_proxy::forward::DataSettings {
         namespace: args.namespace.as_str().into(),
         source: source.as_str().into(),
+        pod: pod_name.as_str().into(),
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
         server_first_ports: args

@@ -48,7 +48,7 @@ fn answer(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     r
 }
 
-fn failure_answer(f: Failure) -> Response<ProxyBody> {
+pub(super) fn failure_answer(f: Failure) -> Response<ProxyBody> {
     match f {
         Failure::Connection(why) => answer(StatusCode::BAD_GATEWAY, &why),
         Failure::Timeout(t) => answer(StatusCode::GATEWAY_TIMEOUT, &format!("upstream did not answer within {t:?}")),
@@ -160,10 +160,12 @@ async fn to_service(
             l.attempts = attempt;
         }
         let hold = InFlight::new(Arc::clone(&endpoint.load), cost);
-        let head = match upstream::prepare(&parts, &target, h2, upgrading) {
+        let mut head = match upstream::prepare(&parts, &target, h2, upgrading) {
             Ok(h) => h,
             Err(f) => return logged(shared, &svc, op, log, failure_answer(f)),
         };
+        // The endpoint's proxy counts it against the pod (and strips it).
+        head.headers.insert(super::inbound::COST, super::inbound::format_cost(&cost));
         let upstream_body = match body.take() {
             Some(b) => Either::Left(b),
             None => Either::Right(Empty::new()),
@@ -171,6 +173,9 @@ async fn to_service(
         let may_retry = retryable && attempt < MAX_ATTEMPTS;
         match upstream::send(&shared.upstreams, h2, head, upstream_body, timeout).await {
             Ok(mut resp) => {
+                if let Some(load) = resp.headers_mut().remove(super::inbound::LOAD) {
+                    learn_load(endpoint, &load, &cost);
+                }
                 let status = resp.status();
                 if upstream::is_gateway_failure(status) {
                     if endpoint.load.record_failure(now_ms()) {
@@ -214,6 +219,20 @@ async fn to_service(
             }
         }
     }
+}
+
+/// Takes in an endpoint's in-band load report: the load all callers put on it, less
+/// what this proxy still has in flight there (counted separately and live), is what
+/// others put on it. That replaces the pushed view until the next one arrives.
+fn learn_load(endpoint: &crate::select::endpoints::Endpoint, header: &HeaderValue, cost: &[u64; 3]) {
+    let Some(ppm) = super::inbound::parse_load(header) else { return };
+    let ours = endpoint.load.in_flight();
+    let others: [u64; 3] = std::array::from_fn(|d| {
+        let total = (u128::from(endpoint.capacity[d]) * u128::from(ppm[d]) / 1_000_000) as u64;
+        // This request's own cost was already released on the other side.
+        total.saturating_sub(ours[d].saturating_sub(cost[d]))
+    });
+    endpoint.load.set_reported(others, now_ms());
 }
 
 /// What the request log says about a request besides its service and operation.
@@ -347,6 +366,7 @@ async fn passthrough(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming
             }
             let (mut p, b) = resp.into_parts();
             upstream::strip_hop_by_hop(&mut p.headers, false);
+            p.headers.remove(super::inbound::LOAD);
             Response::from_parts(p, Either::Left(Held::new(b, None)))
         }
         Err(f) => failure_answer(f),

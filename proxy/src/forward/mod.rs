@@ -8,6 +8,7 @@
 
 pub mod body;
 pub mod http;
+pub mod inbound;
 pub mod retry;
 pub mod tcp;
 pub mod upstream;
@@ -29,6 +30,9 @@ pub struct DataSettings {
     pub namespace: Arc<str>,
     /// Who this proxy speaks for (its node id), as the request log's source.
     pub source: Arc<str>,
+    /// This proxy's pod: its endpoint entry gives the capacity inbound load is
+    /// measured against.
+    pub pod: Arc<str>,
     /// Time to a response's head when the route sets no timeout.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
@@ -49,6 +53,7 @@ impl Default for DataSettings {
         DataSettings {
             namespace: Arc::from("default"),
             source: Arc::from(""),
+            pod: Arc::from(""),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
             queue_timeout: Duration::from_millis(500),
@@ -96,6 +101,8 @@ pub struct Shared {
     pub settings: DataSettings,
     pub retry_budget: retry::RetryBudget,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The cost in flight on this pod from all callers (inbound).
+    pub pod_load: inbound::PodLoad,
     /// One record per request to a Redis Stream, when configured.
     pub request_log: Option<crate::telemetry::request_log::RequestLog>,
 }

@@ -58,6 +58,8 @@ pub struct Mesh {
     by_host: HashMap<Box<str>, u32>,
     /// Endpoint load counters by (service, address), carried across snapshots.
     loads: HashMap<(Arc<str>, SocketAddr), Arc<EndpointLoad>>,
+    /// Capacity by pod name, so a proxy finds its own pod's capacity.
+    pods: HashMap<Arc<str>, [u64; 3]>,
 }
 
 impl Mesh {
@@ -82,6 +84,11 @@ impl Mesh {
             return found(&qualified);
         }
         None
+    }
+
+    /// The capacity vector of `pod`, as its endpoint entry gives it.
+    pub fn capacity_of_pod(&self, pod: &str) -> Option<[u64; 3]> {
+        self.pods.get(pod).copied()
     }
 
     pub fn services(&self) -> &[Arc<ServiceEntry>] {
@@ -131,6 +138,9 @@ impl Mesh {
             apply_reports(&entry, report);
             for e in &entry.endpoints.endpoints {
                 mesh.loads.insert((Arc::clone(&entry.key), e.addr), Arc::clone(&e.load));
+                if !e.pod.is_empty() {
+                    mesh.pods.insert(Arc::clone(&e.pod), e.capacity);
+                }
             }
             mesh.services.push(entry);
         }
@@ -139,7 +149,7 @@ impl Mesh {
 }
 
 /// Sets each endpoint's reported load from the service's `Capacity` resource (parts per
-/// million of its capacity, per dimension); endpoints without a report carry none.
+/// million of its capacity, per dimension); endpoints without one keep what they had.
 fn apply_reports(entry: &ServiceEntry, report: Option<&pb::Capacity>) {
     for e in &entry.endpoints.endpoints {
         let found = report.and_then(|r| {
@@ -154,7 +164,11 @@ fn apply_reports(entry: &ServiceEntry, report: Option<&pb::Capacity>) {
             }
             None => [0; 3],
         };
-        e.load.set_reported(used);
+        // A pushed report without loads means "no news", not "idle": keep what an
+        // in-band report may have said until it expires.
+        if found.is_some() {
+            e.load.set_reported(used, crate::select::endpoints::now_ms());
+        }
     }
 }
 
@@ -322,7 +336,7 @@ mod tests {
         let with_report = applier.apply_all(all).expect("valid");
         let m = Mesh::compile(&with_report, &Mesh::default());
         let s = &m.services()[0];
-        assert_eq!(s.endpoints.endpoints[0].load.used(), [900, 0, 0]);
+        assert_eq!(s.endpoints.endpoints[0].load.used(crate::select::endpoints::now_ms()), [900, 0, 0]);
         // 90 % reported busy: a request for 200 millicores no longer fits.
         assert!(s.endpoints.pick(&[200, 0, 0], None).is_err());
         assert!(s.endpoints.pick(&[100, 0, 0], None).is_ok());

@@ -33,6 +33,9 @@ pub fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// How long a load report counts.
+pub const REPORT_TTL: Duration = Duration::from_secs(2);
+
 /// Passive outlier ejection: this many consecutive failures eject an endpoint...
 pub const EJECT_AFTER_FAILURES: u32 = 5;
 /// ...for this long times the number of times it was ejected in a row (capped).
@@ -45,6 +48,8 @@ pub struct EndpointLoad {
     in_flight: [AtomicU64; DIMS],
     /// Load the backend last reported, in capacity units (Capacity lane; 0 = none).
     reported: [AtomicU64; DIMS],
+    /// When `reported` was last set (`now_ms`); 0: never.
+    reported_at_ms: AtomicU64,
     requests_in_flight: AtomicU64,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
@@ -52,9 +57,15 @@ pub struct EndpointLoad {
 }
 
 impl EndpointLoad {
-    pub fn used(&self) -> [u64; DIMS] {
+    /// Load on the endpoint as this proxy knows it at `now_ms`: its own in-flight cost,
+    /// plus the last report while it is fresh. A stale report counts for nothing, so a
+    /// proxy that stopped sending to an endpoint (because it looked full) tries again.
+    pub fn used(&self, now_ms: u64) -> [u64; DIMS] {
+        let at = self.reported_at_ms.load(Ordering::Relaxed);
+        let fresh = at != 0 && now_ms.saturating_sub(at) < REPORT_TTL.as_millis() as u64;
         std::array::from_fn(|d| {
-            self.in_flight[d].load(Ordering::Relaxed).saturating_add(self.reported[d].load(Ordering::Relaxed))
+            let reported = if fresh { self.reported[d].load(Ordering::Relaxed) } else { 0 };
+            self.in_flight[d].load(Ordering::Relaxed).saturating_add(reported)
         })
     }
 
@@ -94,10 +105,12 @@ impl EndpointLoad {
         true
     }
 
-    pub fn set_reported(&self, used: [u64; DIMS]) {
+    /// Records the load others put on the endpoint, as reported at `now_ms`.
+    pub fn set_reported(&self, used: [u64; DIMS], now_ms: u64) {
         for (slot, v) in self.reported.iter().zip(used) {
             slot.store(v, Ordering::Relaxed);
         }
+        self.reported_at_ms.store(now_ms.max(1), Ordering::Relaxed);
     }
 }
 
@@ -173,7 +186,7 @@ impl EndpointSet {
             let view = |i: usize| {
                 let e = &self.endpoints[i];
                 let healthy = !honour_health || (!e.load.ejected(now) && Some(i) != avoid);
-                Candidate { capacity: e.capacity, used: e.load.used(), eligible: e.ready && healthy }
+                Candidate { capacity: e.capacity, used: e.load.used(now), eligible: e.ready && healthy }
             };
             super::pick(weights, cost, view, rand::random::<u64>)
         };
@@ -189,6 +202,15 @@ impl EndpointSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_count_while_fresh_and_then_expire() {
+        let l = EndpointLoad::default();
+        let _ours = InFlight::new(Arc::new(EndpointLoad::default()), [1, 0, 0]);
+        l.set_reported([700, 0, 0], 10_000);
+        assert_eq!(l.used(10_000 + 1_999), [700, 0, 0]);
+        assert_eq!(l.used(10_000 + 2_000), [0, 0, 0], "stale: only what we hold ourselves");
+    }
 
     #[test]
     fn consecutive_failures_eject_and_success_forgives() {

@@ -1,0 +1,155 @@
+//! Inbound HTTP: requests for this pod, from other pods' proxies (or unmeshed
+//! clients), forwarded to the app, and the pod's true load reported back in band.
+//!
+//! This proxy sees every caller's requests to its pod, so it alone knows the pod's real
+//! load: the cost in flight from all callers (each caller's proxy sends the request's
+//! cost in `x-neutrino-cost`), against the pod's capacity vector. Every response gets a
+//! compact `x-neutrino-load` header with it (an idea from ORCA); callers' proxies read
+//! it and strip it. Neither header reaches an app. It must not choose endpoints.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+
+use super::Shared;
+use super::body::ProxyBody;
+use super::upstream;
+use crate::select::DIMS;
+
+pub const COST: HeaderName = HeaderName::from_static("x-neutrino-cost");
+pub const LOAD: HeaderName = HeaderName::from_static("x-neutrino-load");
+
+/// The cost in flight on this pod, from all callers.
+#[derive(Debug, Default)]
+pub struct PodLoad {
+    in_flight: [AtomicU64; DIMS],
+}
+
+/// Holds one request's cost on the pod until dropped.
+struct Held<'a> {
+    load: &'a PodLoad,
+    cost: [u64; DIMS],
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        for (slot, c) in self.load.in_flight.iter().zip(self.cost) {
+            slot.fetch_sub(c, Ordering::Relaxed);
+        }
+    }
+}
+
+impl PodLoad {
+    fn hold(&self, cost: [u64; DIMS]) -> Held<'_> {
+        for (slot, c) in self.in_flight.iter().zip(cost) {
+            slot.fetch_add(c, Ordering::Relaxed);
+        }
+        Held { load: self, cost }
+    }
+
+    fn in_flight(&self) -> [u64; DIMS] {
+        std::array::from_fn(|d| self.in_flight[d].load(Ordering::Relaxed))
+    }
+}
+
+/// "cpu,memory,gpu" in capacity units, as `x-neutrino-cost` carries it.
+pub fn format_cost(c: &[u64; DIMS]) -> HeaderValue {
+    let s = format!("{},{},{}", c[0], c[1], c[2]);
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0,0,0"))
+}
+
+fn parse_triplet(v: &HeaderValue) -> Option<[u64; DIMS]> {
+    let mut it = v.to_str().ok()?.split(',').map(|p| p.trim().parse::<u64>());
+    let out = [it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?];
+    it.next().is_none().then_some(out)
+}
+
+pub fn parse_cost(v: &HeaderValue) -> Option<[u64; DIMS]> {
+    parse_triplet(v)
+}
+
+/// `x-neutrino-load`: the pod's load as parts per million of its capacity, per
+/// dimension ("cpu,memory,gpu"; 0 where the pod has none of a resource).
+pub fn format_load(in_flight: &[u64; DIMS], capacity: &[u64; DIMS]) -> HeaderValue {
+    let ppm: [u64; DIMS] = std::array::from_fn(|d| {
+        if capacity[d] == 0 { 0 } else { (u128::from(in_flight[d]) * 1_000_000 / u128::from(capacity[d])) as u64 }
+    });
+    format_cost(&ppm)
+}
+
+pub fn parse_load(v: &HeaderValue) -> Option<[u64; DIMS]> {
+    parse_triplet(v)
+}
+
+/// Handles one request for this pod: forwards it to the app at `app`.
+pub async fn handle(shared: Arc<Shared>, app: SocketAddr, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let upgrading = req.version() != Version::HTTP_2 && upstream::is_upgrade(&req);
+    let downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    // Reported by mesh callers only; a load header from outside means nothing here.
+    parts.headers.remove(&LOAD);
+    let cost = parts.headers.remove(&COST).as_ref().and_then(parse_cost).unwrap_or([0; DIMS]);
+    let held = shared.pod_load.hold(cost);
+    let h2 = parts.version == Version::HTTP_2;
+    let head = match upstream::prepare(&parts, &app.to_string(), h2, upgrading) {
+        Ok(h) => h,
+        Err(f) => return super::http::failure_answer(f),
+    };
+    let result = upstream::send(&shared.upstreams, h2, head, Either::Left(body), shared.settings.request_timeout).await;
+    // The load others put on the pod, now that this request's head is answered.
+    drop(held);
+    let capacity = shared.mesh.load().capacity_of_pod(&shared.settings.pod);
+    match result {
+        Ok(mut resp) => {
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                && let Some(down) = downstream_upgrade
+            {
+                upstream::splice_upgrade(down, &mut resp, ());
+                let (mut p, _) = resp.into_parts();
+                upstream::strip_hop_by_hop(&mut p.headers, true);
+                return Response::from_parts(p, super::body::local(bytes::Bytes::new()));
+            }
+            let (mut p, b) = resp.into_parts();
+            upstream::strip_hop_by_hop(&mut p.headers, false);
+            if let Some(cap) = capacity {
+                p.headers.insert(LOAD, format_load(&shared.pod_load.in_flight(), &cap));
+            }
+            Response::from_parts(p, Either::Left(super::body::Held::new(b, None)))
+        }
+        Err(f) => super::http::failure_answer(f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_reject_garbage() {
+        let v = format_cost(&[500, 1 << 30, 1]);
+        assert_eq!(parse_cost(&v), Some([500, 1 << 30, 1]));
+        assert_eq!(parse_cost(&HeaderValue::from_static("1,2")), None);
+        assert_eq!(parse_cost(&HeaderValue::from_static("1,2,3,4")), None);
+        assert_eq!(parse_cost(&HeaderValue::from_static("a,b,c")), None);
+        let load = format_load(&[3000, 0, 1], &[4000, 8 << 30, 0]);
+        assert_eq!(load, "750000,0,0");
+        assert_eq!(parse_load(&load), Some([750_000, 0, 0]));
+    }
+
+    #[test]
+    fn pod_load_counts_what_is_held() {
+        let l = PodLoad::default();
+        let a = l.hold([100, 0, 0]);
+        let b = l.hold([200, 5, 0]);
+        assert_eq!(l.in_flight(), [300, 5, 0]);
+        drop(a);
+        assert_eq!(l.in_flight(), [200, 5, 0]);
+        drop(b);
+        assert_eq!(l.in_flight(), [0, 0, 0]);
+    }
+}
