@@ -67,10 +67,18 @@ pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Counts open connections so shutdown can wait for them to finish.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tracker {
     active: AtomicUsize,
     idle: Notify,
+    /// Set on shutdown: HTTP connections finish their current request and close.
+    drain: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker { active: AtomicUsize::new(0), idle: Notify::new(), drain: tokio::sync::watch::Sender::new(false) }
+    }
 }
 
 /// Held by a connection task; the count drops with it.
@@ -85,6 +93,16 @@ impl Tracker {
 
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Asks every HTTP connection to close once its request in progress is answered
+    /// (idle keep-alive connections close at once).
+    pub fn start_drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.drain.subscribe()
     }
 
     /// Waits until no connection is open, or `timeout` passes; returns how many are left.
@@ -116,9 +134,10 @@ impl Drop for Tracked {
 pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, app: Option<SocketAddr>, tracker: Arc<Tracker>) {
     accept_loop(listener, "inbound", move |stream| {
         let held = tracker.track();
+        let drain = tracker.draining();
         let shared = Arc::clone(&shared);
         async move {
-            inbound(shared, stream, app).await;
+            inbound(shared, stream, app, drain).await;
             drop(held);
         }
     })
@@ -203,7 +222,12 @@ async fn outbound(shared: Arc<Shared>, mut stream: TcpStream) {
     }
 }
 
-async fn inbound(shared: Arc<Shared>, mut stream: TcpStream, app: Option<SocketAddr>) {
+async fn inbound(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    app: Option<SocketAddr>,
+    drain: tokio::sync::watch::Receiver<bool>,
+) {
     shared.metrics.data.inbound_connections.inc();
     let target = match (original_dst(&stream), app) {
         (Some(d), _) => {
@@ -231,7 +255,7 @@ async fn inbound(shared: Arc<Shared>, mut stream: TcpStream, app: Option<SocketA
     let io = Rewind::new(prefix, stream);
     match protocol {
         // HTTP is served, so the pod's load can be measured and reported back.
-        Protocol::Http1 | Protocol::Http2 => serve_inbound_http(shared, target, io, protocol).await,
+        Protocol::Http1 | Protocol::Http2 => serve_inbound_http(shared, target, io, protocol, drain).await,
         Protocol::Tls | Protocol::Tcp => {
             if let Err(e) = tcp::splice(io, target, shared.settings.connect_timeout).await {
                 tracing::debug!("inbound to {target}: {e}");
@@ -240,26 +264,47 @@ async fn inbound(shared: Arc<Shared>, mut stream: TcpStream, app: Option<SocketA
     }
 }
 
-async fn serve_inbound_http(shared: Arc<Shared>, app: SocketAddr, io: Rewind<TcpStream>, protocol: Protocol) {
+async fn serve_inbound_http(
+    shared: Arc<Shared>,
+    app: SocketAddr,
+    io: Rewind<TcpStream>,
+    protocol: Protocol,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) {
     let header_read_timeout = shared.settings.header_read_timeout;
     let service = service_fn(move |req| {
         let shared = Arc::clone(&shared);
         async move { Ok::<_, std::convert::Infallible>(crate::forward::inbound::handle(shared, app, req).await) }
     });
+    // On drain, a connection answers what it is doing and closes (HTTP/2: GOAWAY).
     let result = if protocol == Protocol::Http2 {
-        http2::Builder::new(TokioExecutor::new())
+        let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(1024)
-            .serve_connection(TokioIo::new(io), service)
-            .await
+            .serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = async { drop(drain.wait_for(|d| *d).await) } => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     } else {
-        http1::Builder::new()
+        let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
             .max_buf_size(64 * 1024)
             .serve_connection(TokioIo::new(io), service)
-            .with_upgrades()
-            .await
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = async { drop(drain.wait_for(|d| *d).await) } => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     };
     if let Err(e) = result {
         tracing::debug!("inbound http connection: {e}");

@@ -158,6 +158,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     if let Some(t) = inbound_v6_task {
         t.abort();
     }
+    tracker.start_drain();
     let open = tracker.active();
     tracing::info!(open, timeout = ?settings.drain_timeout, "shutting down: draining inbound connections");
     let left = tracker.wait_idle(settings.drain_timeout).await;

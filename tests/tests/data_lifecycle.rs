@@ -75,10 +75,20 @@ async fn sigterm_drains_inbound_and_keeps_outbound_until_done() {
     proxy.wait_ready().await;
     let (inbound, outbound) = (proxy.inbound, proxy.outbound);
 
+    // A caller's pooled keep-alive connection, idle after one request: drain must close
+    // it rather than wait the whole drain timeout for it.
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", inbound)).await.unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        idle.write_all(b"GET /warm HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = idle.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
     // A slow request arrives for this pod.
     let slow = tokio::spawn(curl_code(vec![format!("http://127.0.0.1:{inbound}/delay/1500")]));
     wait_for("the slow request to reach the app", Duration::from_secs(5), || async {
-        anyhow::ensure!(app.served() == 1, "not yet");
+        anyhow::ensure!(app.served() == 2, "not yet");
         Ok(())
     })
     .await;
@@ -101,12 +111,14 @@ async fn sigterm_drains_inbound_and_keeps_outbound_until_done() {
     assert_eq!(out, 200);
     assert!(!slow.is_finished(), "the drain must be observed while the request is in flight");
     assert_eq!(slow.await.unwrap(), 200, "the in-flight inbound request completed");
+    // Well before the 10 s drain timeout: the idle keep-alive connection was closed.
     let status = tokio::task::spawn_blocking(move || {
-        let s = proxy.proc.wait_exit(Duration::from_secs(10));
+        let s = proxy.proc.wait_exit(Duration::from_secs(4));
         (s, proxy)
     })
     .await
     .unwrap()
     .0;
     assert!(status.is_some_and(|s| s.success()), "the proxy exits cleanly once drained: {status:?}");
+    drop(idle);
 }
