@@ -250,8 +250,9 @@ def start_all(root: Path, tmp: Path, procs: Procs, workers: str) -> tuple[dict[s
     busy = [f"{k}={v}" for k, v in P.items() if not port_free(v)]
     if busy:
         raise BenchError(f"loopback ports in use: {', '.join(busy)}; stop what uses them (ss -ltnp)")
+    tmp.chmod(0o755)  # nginx workers run as an unprivileged user and must read www/
     www = tmp / "www"
-    www.mkdir()
+    www.mkdir(mode=0o755)
     (www / "1k").write_bytes(b"x" * 1024)
     (www / "1m").write_bytes(os.urandom(1 << 20))
 
@@ -329,7 +330,7 @@ def run_tool(argv: list[str], timeout: float) -> str:
 
 
 def wrk(t: Target, conns: int, secs: float, close: bool = False, path: str = "/1k") -> dict:
-    argv = ["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency"]
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, int(secs))}s", "--latency"]
     if t.host:
         argv += ["-H", f"Host: {t.host}"]
     if close:
@@ -447,7 +448,9 @@ def profile(t: Target, secs: float, tmp: Path) -> str | None:
         return None
     r = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol", "--stdio",
                         "-g", "none", "--percent-limit", "0.7"], capture_output=True, text=True, timeout=120)
-    lines = [ln for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+    # perf pads each line and appends empty columns ("-  -"): trim them.
+    lines = [re.sub(r"\s+-\s+-\s*$", "", ln).rstrip() for ln in r.stdout.splitlines()
+             if ln.strip() and not ln.startswith("#")]
     return "\n".join(lines[:40])
 
 
@@ -599,10 +602,15 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     atexit.register(procs.stop_all)
     t_start = time.time()
+    # The commit the binaries were built from (read before the run: others may commit meanwhile).
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "proxy", "control-plane"],
+                           capture_output=True, text=True).stdout.strip()
     try:
         targets, proxies = start_all(root, tmp, procs, a.workers)
         th = threads(proxies["a"].pid)
-        workers = sum(1 for n in th if n.startswith("tokio-runtime-w"))
+        workers = sum(1 for n in th if n.startswith(("tokio-runtime-w", "tokio-rt-worker")))
         neutrino_threads = (f"TOKIO_WORKER_THREADS={a.workers or 'unset'}: {workers} tokio worker thread(s) per proxy "
                             f"({len(th)} threads in all: {', '.join(sorted(set(th)))})")
         log(neutrino_threads)
@@ -659,10 +667,6 @@ def main() -> int:
             log("profiling the Neutrino outbound proxy with perf during HTTP/1.1 keep-alive, 64 connections")
             prof = profile(targets["neutrino"], D, tmp)
 
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "proxy", "control-plane"],
-                               capture_output=True, text=True).stdout.strip()
         cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                           if ln.startswith("model name")), "unknown CPU")
         mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1 << 20)

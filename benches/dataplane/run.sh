@@ -3,7 +3,7 @@
 #
 #   bash benches/dataplane/run.sh            # install what is missing, build, run, report
 #   DURATION=5 bash benches/dataplane/run.sh # shorter measurement windows (seconds)
-#   SKIP_INSTALL=1 bash benches/dataplane/run.sh
+#   SKIP_INSTALL=1 SKIP_BUILD=1 bash benches/dataplane/run.sh   # reuse tools and binaries
 #
 # Results: benches/results/dataplane.md (printed too) and
 # benches/results/dataplane-latency.png. How it works: benches/README.md, section
@@ -61,9 +61,14 @@ for t in nginx haproxy wrk python3; do
 done
 
 # --- build -------------------------------------------------------------------
-log "building Neutrino (release)"
-cargo build --release -p neutrino-control-plane -p neutrino-proxy \
-    || die "cargo build --release failed; see the compiler output above"
+if [[ -z "${SKIP_BUILD:-}" ]]; then
+    log "building Neutrino (release)"
+    cargo build --release -p neutrino-control-plane -p neutrino-proxy \
+        || die "cargo build --release failed; see the compiler output above"
+fi
+for b in neutrino-control-plane neutrino-proxy; do
+    [[ -x target/release/$b ]] || die "target/release/$b is missing; run without SKIP_BUILD"
+done
 
 # --- limits ------------------------------------------------------------------
 # 10,000 idle connections need 10,000 descriptors in the client and in each proxy
