@@ -109,13 +109,17 @@ pub async fn send(
     timeout: Duration,
 ) -> Result<Response<Incoming>, Failure> {
     let client = if h2 { &upstreams.http2 } else { &upstreams.http1 };
-    let target = head.uri.authority().map(|a| a.to_string()).unwrap_or_default();
+    // For error messages only: a cheap clone (shared bytes), formatted only on failure.
+    let uri = head.uri.clone();
     match tokio::time::timeout(timeout, client.request(Request::from_parts(head, body))).await {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) if caused_by_request_body(&e) => {
             Err(Failure::BadRequestBody(format!("request body could not be read: {}", error_chain(&e))))
         }
-        Ok(Err(e)) => Err(Failure::Connection(format!("upstream {target} failed: {}", error_chain(&e)))),
+        Ok(Err(e)) => {
+            let target = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+            Err(Failure::Connection(format!("upstream {target} failed: {}", error_chain(&e))))
+        }
         Err(_) => Err(Failure::Timeout(timeout)),
     }
 }
