@@ -164,7 +164,7 @@ where
     }
 }
 
-async fn outbound(shared: Arc<Shared>, mut stream: TcpStream) {
+async fn outbound(shared: Arc<Shared>, stream: TcpStream) {
     let dst = original_dst(&stream);
     let mesh = shared.mesh.load_full();
     let service = dst.and_then(|d| mesh.by_destination(d)).cloned();
@@ -181,19 +181,9 @@ async fn outbound(shared: Arc<Shared>, mut stream: TcpStream) {
         (Some(s), Some(d)) => s.port(d.port()).copied(),
         _ => None,
     };
-    let server_first = dst.is_some_and(|d| shared.settings.server_first_ports.contains(&d.port()));
-    let (protocol, prefix) = if server_first {
-        (Protocol::Tcp, bytes::Bytes::new())
-    } else {
-        match detect::detect(&mut stream, shared.settings.detect_timeout).await {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::debug!("outbound: reading the first bytes failed: {e}");
-                return;
-            }
-        }
-    };
-    let io = Rewind::new(prefix, stream);
+    let Some(io) = sniff(&shared, stream, dst.map(|d| d.port()), "outbound").await else { return };
+    let protocol = io.1;
+    let io = io.0;
     let conn = Arc::new(ConnInfo { original_dst: dst, service: service.clone(), port });
     match protocol {
         Protocol::Http1 => serve_http1(shared, conn, io).await,
@@ -224,7 +214,7 @@ async fn outbound(shared: Arc<Shared>, mut stream: TcpStream) {
 
 async fn inbound(
     shared: Arc<Shared>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     app: Option<SocketAddr>,
     drain: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -240,19 +230,7 @@ async fn inbound(
             return;
         }
     };
-    let server_first = shared.settings.server_first_ports.contains(&target.port());
-    let (protocol, prefix) = if server_first {
-        (Protocol::Tcp, bytes::Bytes::new())
-    } else {
-        match detect::detect(&mut stream, shared.settings.detect_timeout).await {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::debug!("inbound: reading the first bytes failed: {e}");
-                return;
-            }
-        }
-    };
-    let io = Rewind::new(prefix, stream);
+    let Some((io, protocol)) = sniff(&shared, stream, Some(target.port()), "inbound").await else { return };
     match protocol {
         // HTTP is served, so the pod's load can be measured and reported back.
         Protocol::Http1 | Protocol::Http2 => serve_inbound_http(shared, target, io, protocol, drain).await,
@@ -264,6 +242,41 @@ async fn inbound(
     }
 }
 
+/// Protocol detection on a new connection, unless `port` is one where the server
+/// speaks first. Returns the connection (its first bytes replayed) and its protocol;
+/// None when it could not even be read.
+async fn sniff(
+    shared: &Shared,
+    mut stream: TcpStream,
+    port: Option<u16>,
+    side: &str,
+) -> Option<(Rewind<TcpStream>, Protocol)> {
+    if port.is_some_and(|p| shared.settings.server_first_ports.contains(&p)) {
+        return Some((Rewind::new(bytes::Bytes::new(), stream), Protocol::Tcp));
+    }
+    match detect::detect(&mut stream, shared.settings.detect_timeout).await {
+        Ok((protocol, prefix)) => Some((Rewind::new(prefix, stream), protocol)),
+        Err(e) => {
+            tracing::debug!("{side}: reading the first bytes failed: {e}");
+            None
+        }
+    }
+}
+
+/// The HTTP/1 server settings every listener uses.
+fn http1_server(shared: &Shared) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new()).header_read_timeout(shared.settings.header_read_timeout).max_buf_size(64 * 1024);
+    b
+}
+
+/// The HTTP/2 server settings every listener uses.
+fn http2_server() -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new()).max_concurrent_streams(1024);
+    b
+}
+
 async fn serve_inbound_http(
     shared: Arc<Shared>,
     app: SocketAddr,
@@ -271,17 +284,14 @@ async fn serve_inbound_http(
     protocol: Protocol,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) {
-    let header_read_timeout = shared.settings.header_read_timeout;
+    let (h1, h2) = (http1_server(&shared), http2_server());
     let service = service_fn(move |req| {
         let shared = Arc::clone(&shared);
         async move { Ok::<_, std::convert::Infallible>(crate::forward::inbound::handle(shared, app, req).await) }
     });
     // On drain, a connection answers what it is doing and closes (HTTP/2: GOAWAY).
     let result = if protocol == Protocol::Http2 {
-        let conn = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(1024)
-            .serve_connection(TokioIo::new(io), service);
+        let conn = h2.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => r,
@@ -291,12 +301,7 @@ async fn serve_inbound_http(
             }
         }
     } else {
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
-            .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
+        let conn = h1.serve_connection(TokioIo::new(io), service).with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => r,
@@ -312,18 +317,12 @@ async fn serve_inbound_http(
 }
 
 async fn serve_http1(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Rewind<TcpStream>) {
-    let header_read_timeout = shared.settings.header_read_timeout;
+    let h1 = http1_server(&shared);
     let service = service_fn(move |req| {
         let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
         async move { Ok::<_, std::convert::Infallible>(fwd::handle(shared, conn, req).await) }
     });
-    let result = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
-        .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades()
-        .await;
+    let result = h1.serve_connection(TokioIo::new(io), service).with_upgrades().await;
     if let Err(e) = result {
         if e.is_parse() || e.is_parse_too_large() || e.is_timeout() {
             tracing::warn!("outbound: rejected a malformed or too slow HTTP/1 request: {e}");
@@ -338,11 +337,7 @@ async fn serve_http2(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Rewind<TcpStr
         let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
         async move { Ok::<_, std::convert::Infallible>(fwd::handle(shared, conn, req).await) }
     });
-    let result = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(1024)
-        .serve_connection(TokioIo::new(io), service)
-        .await;
+    let result = http2_server().serve_connection(TokioIo::new(io), service).await;
     if let Err(e) = result {
         tracing::info!("outbound h2c connection ended with an error: {e}");
     }

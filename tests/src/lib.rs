@@ -30,9 +30,22 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port (bound then released; the race with other tests is negligible
-/// because the kernel does not hand out the same ephemeral port again at once).
+/// A free loopback port for a child process to bind. Each test process takes ports
+/// from its own block (by process id, in 2000-9400: below the kernel's ephemeral range
+/// and clear of the demo's fixed ports), so tests
+/// running in parallel processes do not hand each other the same port between our
+/// check and the child's bind; the kernel's choice is the fallback.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const BLOCK: u16 = 32;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 2_000 + (std::process::id() % 230) as u16 * BLOCK;
+    for _ in 0..BLOCK {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % BLOCK;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("addr").port()
 }
 
