@@ -269,3 +269,25 @@ async fn local_mode_feeds_the_same_path_from_a_file() {
     .await;
     assert_eq!(proxy.ready_code().await, 200);
 }
+
+/// How many read system calls a process has made (from /proc/<pid>/io).
+fn read_syscalls(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("syscr: ")).unwrap().trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn an_idle_control_plane_does_not_keep_rereading_its_file() {
+    // Regression: the watcher once re-read the mesh file on its own open events,
+    // forever (dozens of reads a second). Idle, with no proxy connected, the control
+    // plane has nothing to read.
+    let mesh = MeshFile::new(&mesh_yaml(50, &cpu_base));
+    let cp = ControlPlane::start(&mesh.path(), &[]);
+    cp.wait_ready().await;
+    let pid = cp.proc.pid();
+    let before = read_syscalls(pid);
+    // Two seconds of doing nothing; what is measured is a count, not a time.
+    tokio::time::sleep(2 * SECOND).await;
+    let reads = read_syscalls(pid) - before;
+    assert!(reads <= 10, "{reads} read system calls in 2 s while idle");
+}
