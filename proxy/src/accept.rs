@@ -282,7 +282,7 @@ async fn serve_inbound_http(
     app: SocketAddr,
     io: Rewind<TcpStream>,
     protocol: Protocol,
-    mut drain: tokio::sync::watch::Receiver<bool>,
+    drain: tokio::sync::watch::Receiver<bool>,
 ) {
     let (h1, h2) = (http1_server(&shared), http2_server());
     let service = service_fn(move |req| {
@@ -292,27 +292,30 @@ async fn serve_inbound_http(
     // On drain, a connection answers what it is doing and closes (HTTP/2: GOAWAY).
     let result = if protocol == Protocol::Http2 {
         let conn = h2.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            () = async { drop(drain.wait_for(|d| *d).await) } => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        until_drained(conn, drain, |c| c.graceful_shutdown()).await
     } else {
         let conn = h1.serve_connection(TokioIo::new(io), service).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            () = async { drop(drain.wait_for(|d| *d).await) } => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        until_drained(conn, drain, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         tracing::debug!("inbound http connection: {e}");
+    }
+}
+
+/// Runs a served connection to its end; once `drain` turns true, asks it to finish
+/// (`shutdown`: hyper's graceful shutdown) and still runs it to its end.
+async fn until_drained<C: Future>(
+    conn: C,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = async { drop(drain.wait_for(|d| *d).await) } => {
+            shutdown(conn.as_mut());
+            conn.await
+        }
     }
 }
 

@@ -49,6 +49,21 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("addr").port()
 }
 
+/// Starts `cmd` with its stdout and stderr in `<dir>/<name>.log`.
+pub fn spawn_logged(name: &str, mut cmd: Command, dir: &Path) -> (Child, PathBuf) {
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    let child = cmd
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    (child, log)
+}
+
 /// A child process that is killed when dropped. Its output goes to a log file that is
 /// printed when a test fails.
 pub struct Proc {
@@ -61,17 +76,9 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, args: &[String]) -> Proc {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(bin(name))
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let mut cmd = Command::new(bin(name));
+        cmd.args(args);
+        let (child, log) = spawn_logged(name, cmd, dir.path());
         Proc { name: name.to_string(), child: Some(child), log, _dir: dir }
     }
 

@@ -4,7 +4,7 @@
 //! when the test fails.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The uid the proxies run as; `neutrino-proxy init` exempts it from redirection.
@@ -114,17 +114,8 @@ pub struct PodProc {
 }
 
 impl PodProc {
-    pub fn spawn(name: &str, mut cmd: Command, dir: &Path) -> PodProc {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = cmd
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    pub fn spawn(name: &str, cmd: Command, dir: &Path) -> PodProc {
+        let (child, log) = crate::spawn_logged(name, cmd, dir);
         PodProc { child, log, name: name.to_string() }
     }
 }
