@@ -22,7 +22,7 @@ use super::Shared;
 use super::body::{Held, ProxyBody, local};
 use super::upstream::{self, Failure};
 use crate::route::{PortEntry, ServiceEntry, strip_port};
-use crate::select::endpoints::{InFlight, now_ms};
+use crate::select::endpoints::{FAST_FAILURE, InFlight, now_ms};
 
 /// What the accepting side knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -171,12 +171,19 @@ async fn to_service(
             None => Either::Right(Empty::new()),
         };
         let may_retry = retryable && attempt < MAX_ATTEMPTS;
-        match upstream::send(&shared.upstreams, h2, head, upstream_body, timeout).await {
+        let sent = std::time::Instant::now();
+        let result = upstream::send(&shared.upstreams, h2, head, upstream_body, timeout).await;
+        let fast = sent.elapsed() < FAST_FAILURE;
+        match result {
             Ok(mut resp) => {
                 if let Some(load) = resp.headers_mut().remove(super::inbound::LOAD) {
                     learn_load(endpoint, &load, &cost);
                 }
                 let status = resp.status();
+                // A quick "no" must not make the endpoint look idle and attract more.
+                if fast && matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
+                    endpoint.load.record_fast_failure(now_ms());
+                }
                 if upstream::is_gateway_failure(status) {
                     if endpoint.load.record_failure(now_ms()) {
                         shared.metrics.data.ejections.inc();
@@ -204,6 +211,9 @@ async fn to_service(
                 return logged(shared, &svc, op, log, resp);
             }
             Err(f) => {
+                if fast {
+                    endpoint.load.record_fast_failure(now_ms());
+                }
                 if endpoint.load.record_failure(now_ms()) {
                     shared.metrics.data.ejections.inc();
                 }

@@ -149,26 +149,33 @@ impl Mesh {
 }
 
 /// Sets each endpoint's reported load from the service's `Capacity` resource (parts per
-/// million of its capacity, per dimension); endpoints without one keep what they had.
+/// million of its capacity, per dimension, as measured at `reported_at_ms` on the
+/// backend's clock); endpoints without one keep what they had. The report counts all
+/// callers, this proxy included: what it holds there now is counted live instead.
 fn apply_reports(entry: &ServiceEntry, report: Option<&pb::Capacity>) {
+    let Some(report) = report.filter(|r| !r.loads.is_empty()) else { return };
+    let now = crate::select::endpoints::now_ms();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     for e in &entry.endpoints.endpoints {
-        let found = report.and_then(|r| {
-            r.loads
-                .iter()
-                .find(|l| l.address.parse::<IpAddr>().ok() == Some(e.addr.ip()) && l.port as u16 == e.addr.port())
-        });
-        let used = match found {
-            Some(l) => {
-                let scale = |cap: u64, ppm: u32| (u128::from(cap) * u128::from(ppm) / 1_000_000) as u64;
-                [scale(e.capacity[0], l.cpu_ppm), scale(e.capacity[1], l.memory_ppm), scale(e.capacity[2], l.gpu_ppm)]
-            }
-            None => [0; 3],
-        };
-        // A pushed report without loads means "no news", not "idle": keep what an
+        let found = report
+            .loads
+            .iter()
+            .find(|l| l.address.parse::<IpAddr>().ok() == Some(e.addr.ip()) && l.port as u16 == e.addr.port());
+        // A pushed report without an entry means "no news", not "idle": keep what an
         // in-band report may have said until it expires.
-        if found.is_some() {
-            e.load.set_reported(used, crate::select::endpoints::now_ms());
-        }
+        let Some(l) = found else { continue };
+        let ours = e.load.in_flight();
+        let scale = |d: usize, ppm: u32| {
+            let total = (u128::from(e.capacity[d]) * u128::from(ppm) / 1_000_000) as u64;
+            total.saturating_sub(ours[d])
+        };
+        let others = [scale(0, l.cpu_ppm), scale(1, l.memory_ppm), scale(2, l.gpu_ppm)];
+        // Its age by the wall clock, carried over to this process's monotonic clock.
+        let age = wall.saturating_sub(l.reported_at_ms);
+        e.load.set_reported(others, now.saturating_sub(age));
     }
 }
 
@@ -191,6 +198,8 @@ fn compile_service(
         })
         .collect();
     let default_cost = svc.default_cost.map(Cost::from).unwrap_or_default();
+    let serving = previous.loads.keys().any(|(k, _)| *k == key);
+    let now = crate::select::endpoints::now_ms();
     let endpoints = eps
         .map(|e| {
             e.endpoints
@@ -198,7 +207,11 @@ fn compile_service(
                 .filter_map(|ep| {
                     let addr = SocketAddr::new(ep.address.parse().ok()?, ep.port as u16);
                     let cap = ep.capacity.unwrap_or_default();
-                    let load = previous.loads.get(&(Arc::clone(&key), addr)).cloned().unwrap_or_default();
+                    let load = previous.loads.get(&(Arc::clone(&key), addr)).cloned().unwrap_or_else(|| {
+                        // Joining endpoints that already serve: warm up gradually.
+                        // At start-up, or for a new service, all start warm.
+                        Arc::new(if serving { EndpointLoad::starting(now) } else { EndpointLoad::default() })
+                    });
                     Some(Endpoint {
                         addr,
                         capacity: [cap.cpu_millis, cap.memory_bytes, cap.gpu],
@@ -313,6 +326,20 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_joining_a_serving_service_start_cold() {
+        let first = Mesh::compile(&snapshot(1000, false), &Mesh::default());
+        let now = crate::select::endpoints::now_ms();
+        assert_eq!(first.services()[0].endpoints.endpoints[0].load.cold(now), 0.0, "start-up: warm");
+        let mut previous = Mesh::compile(&snapshot(1000, false), &Mesh::default());
+        // Forget the endpoint's counters as if it had been replaced by a new one.
+        let key = previous.loads.keys().next().expect("one").clone();
+        let kept = previous.loads.remove(&key).expect("load");
+        previous.loads.insert((Arc::clone(&key.0), "10.9.9.9:1".parse().expect("addr")), kept);
+        let next = Mesh::compile(&snapshot(2000, true), &previous);
+        assert!(next.services()[0].endpoints.endpoints[0].load.cold(now) > 0.5, "joined later: cold");
+    }
+
+    #[test]
     fn reported_load_from_the_capacity_lane_counts_in_selection() {
         let snap = snapshot(1000, false);
         let applier = Applier::new(Arc::default());
@@ -324,7 +351,14 @@ mod tests {
                 removed: vec![],
             });
         }
-        let load = pb::EndpointLoad { address: "10.1.0.1".into(), port: 0, cpu_ppm: 900_000, ..Default::default() };
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+        let load = pb::EndpointLoad {
+            address: "10.1.0.1".into(),
+            port: 0,
+            cpu_ppm: 900_000,
+            reported_at_ms: wall as u64 - 500,
+            ..Default::default()
+        };
         all.push(Update {
             type_url: type_url::CAPACITY.into(),
             upserts: vec![pb::Resource::with_content_version(

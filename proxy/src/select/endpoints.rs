@@ -5,7 +5,12 @@
 //! Load counters are atomics owned by one `EndpointLoad` per endpoint that outlives
 //! config snapshots, so a config push never resets what is in flight. Requests add
 //! their cost when chosen and take it back when their response ends (`InFlight` drop).
-//! Nothing here blocks or locks.
+//! Nothing here blocks or locks, and nothing reads a clock: callers pass the time
+//! (`now_ms` in the proxy, virtual time in the selection simulator).
+//!
+//! The estimate of an endpoint's load blends three signals: the newest report of what
+//! others put on it (pushed by the control plane, or in band on a response, whichever
+//! was measured later), plus this proxy's own in-flight cost, live.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -33,8 +38,21 @@ pub fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// How long a load report counts.
-pub const REPORT_TTL: Duration = Duration::from_secs(2);
+/// How long a load report counts after it was measured.
+pub const REPORT_TTL: Duration = Duration::from_secs(3);
+
+/// A new endpoint warms up over this long (slow start)...
+pub const SLOW_START: Duration = Duration::from_secs(10);
+/// ...starting out compared as this utilized.
+const COLD_START: f64 = 0.9;
+
+/// A 503 or 429 answered faster than this is a fast failure: it says nothing about the
+/// endpoint being idle, and counts against it.
+pub const FAST_FAILURE: Duration = Duration::from_millis(5);
+/// Utilization added per fast failure (capped at 1)...
+const PENALTY_STEP: f64 = 0.25;
+/// ...halving every this long.
+const PENALTY_HALF_LIFE_MS: f64 = 1000.0;
 
 /// Passive outlier ejection: this many consecutive failures eject an endpoint...
 pub const EJECT_AFTER_FAILURES: u32 = 5;
@@ -48,8 +66,13 @@ pub struct EndpointLoad {
     in_flight: [AtomicU64; DIMS],
     /// Load the backend last reported, in capacity units (Capacity lane; 0 = none).
     reported: [AtomicU64; DIMS],
-    /// When `reported` was last set (`now_ms`); 0: never.
+    /// When `reported` was measured (`now_ms`); 0: never.
     reported_at_ms: AtomicU64,
+    /// Fast-failure penalty in parts per million of utilization, as of `penalty_at_ms`.
+    penalty_ppm: AtomicU64,
+    penalty_at_ms: AtomicU64,
+    /// When the endpoint appeared, for slow start; 0: warm from the start.
+    born_ms: AtomicU64,
     requests_in_flight: AtomicU64,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
@@ -57,16 +80,61 @@ pub struct EndpointLoad {
 }
 
 impl EndpointLoad {
-    /// Load on the endpoint as this proxy knows it at `now_ms`: its own in-flight cost,
-    /// plus the last report while it is fresh. A stale report counts for nothing, so a
-    /// proxy that stopped sending to an endpoint (because it looked full) tries again.
-    pub fn used(&self, now_ms: u64) -> [u64; DIMS] {
+    /// An endpoint that appeared at `now_ms` next to others already serving: it takes
+    /// work gradually (slow start).
+    pub fn starting(now_ms: u64) -> EndpointLoad {
+        EndpointLoad { born_ms: AtomicU64::new(now_ms.max(1)), ..Default::default() }
+    }
+
+    /// Selection's view of the endpoint at `now_ms` (eligible unless ejected; the caller
+    /// adds readiness). A stale report makes its others' load unknown, not zero.
+    pub fn candidate(&self, capacity: [u64; DIMS], now_ms: u64) -> Candidate {
         let at = self.reported_at_ms.load(Ordering::Relaxed);
-        let fresh = at != 0 && now_ms.saturating_sub(at) < REPORT_TTL.as_millis() as u64;
-        std::array::from_fn(|d| {
-            let reported = if fresh { self.reported[d].load(Ordering::Relaxed) } else { 0 };
-            self.in_flight[d].load(Ordering::Relaxed).saturating_add(reported)
-        })
+        let known = at != 0 && now_ms.saturating_sub(at) < REPORT_TTL.as_millis() as u64;
+        let own = self.in_flight();
+        let used = std::array::from_fn(|d| {
+            let others = if known { self.reported[d].load(Ordering::Relaxed) } else { 0 };
+            own[d].saturating_add(others)
+        });
+        Candidate {
+            capacity,
+            used,
+            own,
+            known,
+            penalty: self.penalty(now_ms),
+            cold: self.cold(now_ms),
+            eligible: !self.ejected(now_ms),
+        }
+    }
+
+    /// Load as `candidate` estimates it (for dumps and tests).
+    pub fn used(&self, now_ms: u64) -> [u64; DIMS] {
+        self.candidate([0; DIMS], now_ms).used
+    }
+
+    /// Slow start: how cold the endpoint still is, 0..=COLD_START.
+    pub fn cold(&self, now_ms: u64) -> f64 {
+        let born = self.born_ms.load(Ordering::Relaxed);
+        let window = SLOW_START.as_millis() as u64;
+        let age = now_ms.saturating_sub(born);
+        if born == 0 || age >= window { 0.0 } else { COLD_START * (1.0 - age as f64 / window as f64) }
+    }
+
+    /// The fast-failure penalty at `now_ms`, decayed.
+    pub fn penalty(&self, now_ms: u64) -> f64 {
+        let ppm = self.penalty_ppm.load(Ordering::Relaxed);
+        if ppm == 0 {
+            return 0.0;
+        }
+        let age = now_ms.saturating_sub(self.penalty_at_ms.load(Ordering::Relaxed)) as f64;
+        ppm as f64 / 1e6 * 0.5f64.powf(age / PENALTY_HALF_LIFE_MS)
+    }
+
+    /// Counts a fast failure (a 503 or 429 answered within `FAST_FAILURE`).
+    pub fn record_fast_failure(&self, now_ms: u64) {
+        let next = (self.penalty(now_ms) + PENALTY_STEP).min(1.0);
+        self.penalty_ppm.store((next * 1e6) as u64, Ordering::Relaxed);
+        self.penalty_at_ms.store(now_ms, Ordering::Relaxed);
     }
 
     pub fn in_flight(&self) -> [u64; DIMS] {
@@ -105,12 +173,17 @@ impl EndpointLoad {
         true
     }
 
-    /// Records the load others put on the endpoint, as reported at `now_ms`.
-    pub fn set_reported(&self, used: [u64; DIMS], now_ms: u64) {
-        for (slot, v) in self.reported.iter().zip(used) {
+    /// Records the load others put on the endpoint, as measured at `at_ms`, unless a
+    /// newer report is already held (the pushed view lags the in-band header).
+    pub fn set_reported(&self, others: [u64; DIMS], at_ms: u64) {
+        let at_ms = at_ms.max(1);
+        if self.reported_at_ms.load(Ordering::Relaxed) > at_ms {
+            return;
+        }
+        for (slot, v) in self.reported.iter().zip(others) {
             slot.store(v, Ordering::Relaxed);
         }
-        self.reported_at_ms.store(now_ms.max(1), Ordering::Relaxed);
+        self.reported_at_ms.store(at_ms, Ordering::Relaxed);
     }
 }
 
@@ -171,24 +244,35 @@ impl EndpointSet {
         EndpointSet { endpoints, weights, gpu_weights }
     }
 
-    /// Chooses an endpoint for a request costing `cost`, with the thread's fast RNG.
+    /// Chooses an endpoint for a request costing `cost`, now, with the thread's RNG.
     /// `avoid` (an endpoint that just failed this request) is skipped when others can
     /// take it.
     pub fn pick(&self, cost: &[u64; DIMS], avoid: Option<usize>) -> Result<Choice, NoFit> {
-        let now = now_ms();
+        self.pick_at(cost, avoid, now_ms(), rand::random::<u64>)
+    }
+
+    /// `pick` at time `now` with the random numbers `random` yields.
+    pub fn pick_at(
+        &self,
+        cost: &[u64; DIMS],
+        avoid: Option<usize>,
+        now: u64,
+        mut random: impl FnMut() -> u64,
+    ) -> Result<Choice, NoFit> {
         let weights = if cost[2] > 0 { &self.gpu_weights } else { &self.weights };
         if weights.is_empty() && !self.endpoints.is_empty() {
             // It needs a resource no endpoint has: waiting will not help.
             let eligible = self.endpoints.iter().filter(|e| e.ready).count();
             return Err(NoFit { eligible, least_over: None, too_big: true });
         }
-        let choose = |honour_health: bool| {
+        let mut choose = |honour_health: bool| {
             let view = |i: usize| {
                 let e = &self.endpoints[i];
-                let healthy = !honour_health || (!e.load.ejected(now) && Some(i) != avoid);
-                Candidate { capacity: e.capacity, used: e.load.used(now), eligible: e.ready && healthy }
+                let c = e.load.candidate(e.capacity, now);
+                let healthy = !honour_health || (c.eligible && Some(i) != avoid);
+                Candidate { eligible: e.ready && healthy, ..c }
             };
-            super::pick(weights, cost, view, rand::random::<u64>)
+            super::pick(weights, cost, view, &mut random)
         };
         match choose(true) {
             // Ejection and avoidance never empty a service: if they leave nothing
@@ -208,8 +292,40 @@ mod tests {
         let l = EndpointLoad::default();
         let _ours = InFlight::new(Arc::new(EndpointLoad::default()), [1, 0, 0]);
         l.set_reported([700, 0, 0], 10_000);
-        assert_eq!(l.used(10_000 + 1_999), [700, 0, 0]);
-        assert_eq!(l.used(10_000 + 2_000), [0, 0, 0], "stale: only what we hold ourselves");
+        assert_eq!(l.used(10_000 + 2_999), [700, 0, 0]);
+        let stale = l.candidate([1000, 0, 0], 10_000 + 3_000);
+        assert_eq!((stale.used, stale.known), ([0, 0, 0], false), "stale: unknown, only what we hold ourselves");
+    }
+
+    #[test]
+    fn the_newest_report_wins_and_own_cost_adds_live() {
+        let l = Arc::new(EndpointLoad::default());
+        l.set_reported([300, 0, 0], 5_000);
+        l.set_reported([900, 0, 0], 4_000); // an older pushed view arriving late
+        let _mine = InFlight::new(Arc::clone(&l), [50, 0, 0]);
+        let c = l.candidate([1000, 0, 0], 5_100);
+        assert_eq!((c.used, c.own, c.known), ([350, 0, 0], [50, 0, 0], true));
+    }
+
+    #[test]
+    fn fast_failures_add_a_decaying_penalty() {
+        let l = EndpointLoad::default();
+        assert_eq!(l.penalty(0), 0.0);
+        for _ in 0..10 {
+            l.record_fast_failure(1_000);
+        }
+        assert!((l.penalty(1_000) - 1.0).abs() < 1e-6, "capped at 1");
+        assert!((l.penalty(2_000) - 0.5).abs() < 1e-3, "halves in a second");
+        assert!(l.penalty(11_000) < 0.001);
+    }
+
+    #[test]
+    fn new_endpoints_warm_up_and_initial_ones_start_warm() {
+        let l = EndpointLoad::starting(1_000);
+        assert!((l.cold(1_000) - COLD_START).abs() < 1e-9);
+        assert!(l.cold(1_000 + SLOW_START.as_millis() as u64 / 2) < COLD_START / 2.0 + 1e-9);
+        assert_eq!(l.cold(1_000 + SLOW_START.as_millis() as u64), 0.0);
+        assert_eq!(EndpointLoad::default().cold(1_000), 0.0);
     }
 
     #[test]

@@ -10,6 +10,13 @@
 //! sampling keeps missing (most endpoints full), a full scan finds the least utilized
 //! one that fits, if any.
 //!
+//! Three corrections keep the comparison honest: an endpoint whose others' load is
+//! unknown (its report went stale) is compared on this proxy's own in-flight cost only,
+//! against the other candidate's own cost too, so it is never mistaken for idle (that
+//! would herd every proxy onto it): with nothing known, sampling by capacity decides.
+//! An endpoint that just failed fast carries a penalty, so quick 503s do not make it
+//! look idle. A new endpoint starts cold and compares as busy until it warms up.
+//!
 //! Pure: the caller supplies each endpoint's load and the random numbers. It must not
 //! read clocks, sockets or shared state.
 
@@ -19,14 +26,38 @@ pub mod endpoints;
 pub const DIMS: usize = 3;
 
 /// What selection needs to know about one endpoint right now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Candidate {
     /// cpu millis, memory bytes, GPUs.
     pub capacity: [u64; DIMS],
-    /// Load already on the endpoint, in the same units.
+    /// Load on the endpoint as this proxy estimates it, in the same units: others' load
+    /// from a fresh report plus this proxy's own in-flight cost (only its own when
+    /// `known` is false).
     pub used: [u64; DIMS],
+    /// This proxy's own in-flight cost on the endpoint (included in `used`).
+    pub own: [u64; DIMS],
+    /// `used` includes a fresh report of the load others put on the endpoint.
+    pub known: bool,
+    /// Utilization added when comparing, after recent fast failures (0 = none).
+    pub penalty: f64,
+    /// Slow start, 0..=1: a new endpoint compares as at least this utilized (0 = warm).
+    pub cold: f64,
     /// Ready and not ejected.
     pub eligible: bool,
+}
+
+impl Candidate {
+    /// A warm endpoint with `used` known: the plain case.
+    pub fn known(capacity: [u64; DIMS], used: [u64; DIMS]) -> Candidate {
+        Candidate { capacity, used, known: true, eligible: true, ..Default::default() }
+    }
+
+    /// How utilized it looks when compared against another candidate: on the full
+    /// estimate only when both are known, else on this proxy's own cost alone.
+    fn score(&self, both_known: bool) -> f64 {
+        let basis = Candidate { used: if both_known { self.used } else { self.own }, ..*self };
+        utilization_after(&basis, &[0; DIMS]).unwrap_or(0.0).max(self.cold) + self.penalty
+    }
 }
 
 /// Why an endpoint was chosen; goes into logs, spans and metrics.
@@ -175,14 +206,14 @@ pub fn pick(
     if n == 0 {
         return Err(NoFit { eligible: 0, least_over: None, too_big: false });
     }
-    // (utilization now, utilization with the request) when the request fits.
+    // (the candidate, its utilization with the request) when the request fits.
     let fits = |i: usize| {
         let c = view(i);
         if !c.eligible {
             return None;
         }
         let after = utilization_after(&c, cost).filter(|u| *u <= 1.0)?;
-        Some((utilization_after(&c, &[0; DIMS]).unwrap_or(0.0), after))
+        Some((c, after))
     };
     if n > 1 {
         for _ in 0..ROUNDS {
@@ -195,7 +226,8 @@ pub fn pick(
             let (a, b) = (weights.index(pa), weights.index(pb));
             match (fits(a), fits(b)) {
                 (Some(ua), Some(ub)) => {
-                    let (index, utilization) = if ub.0 < ua.0 { (b, ub.1) } else { (a, ua.1) };
+                    let both = ua.0.known && ub.0.known;
+                    let (index, utilization) = if ub.0.score(both) < ua.0.score(both) { (b, ub.1) } else { (a, ua.1) };
                     return Ok(Choice { index, utilization, reason: Reason::TwoChoices });
                 }
                 (Some(u), None) => return Ok(Choice { index: a, utilization: u.1, reason: Reason::OnlyOneFit }),
@@ -209,7 +241,11 @@ pub fn pick(
 
 fn scan(weights: &Weights, cost: &[u64; DIMS], view: &impl Fn(usize) -> Candidate) -> Result<Choice, NoFit> {
     let n = weights.len();
-    // (index, utilization now, utilization with the request)
+    let all_known = (0..n).all(|pos| {
+        let c = view(weights.index(pos));
+        !c.eligible || c.known
+    });
+    // (index, score, utilization with the request)
     let mut best: Option<(usize, f64, f64)> = None;
     let mut eligible = 0usize;
     let mut least_over: Option<f64> = None;
@@ -225,7 +261,7 @@ fn scan(weights: &Weights, cost: &[u64; DIMS], view: &impl Fn(usize) -> Candidat
         could_fit_idle |= utilization_after(&idle, cost).is_some_and(|u| u <= 1.0);
         match utilization_after(&c, cost) {
             Some(after) if after <= 1.0 => {
-                let now = utilization_after(&c, &[0; DIMS]).unwrap_or(0.0);
+                let now = c.score(all_known);
                 if best.is_none_or(|(_, b, _)| now < b) {
                     best = Some((i, now, after));
                 }
@@ -260,7 +296,7 @@ mod tests {
     }
 
     fn ep(cpu: u64, mem: u64, gpu: u64) -> Candidate {
-        Candidate { capacity: [cpu, mem, gpu], used: [0; 3], eligible: true }
+        Candidate::known([cpu, mem, gpu], [0; 3])
     }
 
     #[test]
@@ -386,5 +422,67 @@ mod tests {
         let w = Weights::new(one_gpu.iter().map(|e| e.capacity));
         let e = pick(&w, &[0, 0, 2], |i| one_gpu[i], rng(2)).expect_err("two GPUs needed");
         assert!(e.too_big);
+    }
+
+    #[test]
+    fn an_endpoint_with_unknown_load_is_not_mistaken_for_idle() {
+        // Endpoint 0's report is fresh: others keep it 60 % busy. Endpoint 1's went
+        // stale. Counting the stale one as idle would send everything there; comparing
+        // both on this proxy's own cost (none) leaves it to capacity sampling: even.
+        let fresh = Candidate { used: [600, 0, 0], ..ep(1000, 0, 0) };
+        let stale = Candidate { known: false, ..ep(1000, 0, 0) };
+        let eps = [fresh, stale];
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let mut r = rng(21);
+        let mut hits = [0u32; 2];
+        for _ in 0..2000 {
+            hits[pick(&w, &[10, 0, 0], |i| eps[i], &mut r).expect("fits").index] += 1;
+        }
+        assert!(hits[0] > 800 && hits[1] > 800, "{hits:?}");
+        // With both known, the idle one wins every time.
+        let eps = [fresh, Candidate { known: true, ..stale }];
+        for _ in 0..200 {
+            assert_eq!(pick(&w, &[10, 0, 0], |i| eps[i], &mut r).expect("fits").index, 1);
+        }
+    }
+
+    #[test]
+    fn own_cost_still_separates_endpoints_whose_load_is_unknown() {
+        let mine = Candidate { known: false, used: [500, 0, 0], own: [500, 0, 0], ..ep(1000, 0, 0) };
+        let other = Candidate { known: false, ..ep(1000, 0, 0) };
+        let eps = [mine, other];
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let c = pick(&w, &[10, 0, 0], |i| eps[i], rng(3)).expect("fits");
+        assert_eq!(c.index, 1);
+    }
+
+    #[test]
+    fn a_fast_failing_endpoint_loses_comparisons_despite_looking_idle() {
+        let failing = Candidate { penalty: 1.0, ..ep(1000, 0, 0) };
+        let busy = Candidate { used: [800, 0, 0], ..ep(1000, 0, 0) };
+        let eps = [failing, busy];
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let mut r = rng(8);
+        for _ in 0..200 {
+            assert_eq!(pick(&w, &[10, 0, 0], |i| eps[i], &mut r).expect("fits").index, 1);
+        }
+        // ...but it still takes work that fits nowhere else.
+        let eps = [failing, Candidate { used: [1000, 0, 0], ..busy }];
+        assert_eq!(pick(&w, &[10, 0, 0], |i| eps[i], &mut r).expect("fits").index, 0);
+    }
+
+    #[test]
+    fn a_cold_endpoint_takes_work_only_from_busier_ones() {
+        let cold = Candidate { cold: 0.5, ..ep(1000, 0, 0) };
+        let eps = [cold, Candidate { used: [300, 0, 0], ..ep(1000, 0, 0) }];
+        let w = Weights::new(eps.iter().map(|e| e.capacity));
+        let mut r = rng(12);
+        for _ in 0..100 {
+            assert_eq!(pick(&w, &[10, 0, 0], |i| eps[i], &mut r).expect("fits").index, 1);
+        }
+        let eps = [cold, Candidate { used: [700, 0, 0], ..ep(1000, 0, 0) }];
+        for _ in 0..100 {
+            assert_eq!(pick(&w, &[10, 0, 0], |i| eps[i], &mut r).expect("fits").index, 0);
+        }
     }
 }
