@@ -33,6 +33,12 @@ if ! python3 -c "import grpc" 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check grpcio
 fi
 
+# Offline Kubernetes schema validation of `neutrino install` (cli/tests/install.rs).
+if ! python3 -c "import kubernetes_validate" 2>/dev/null; then
+  step "installing kubernetes-validate (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+fi
+
 step "format"
 cargo fmt --all --check
 step "lint"

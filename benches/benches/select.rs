@@ -22,7 +22,7 @@ fn bench(c: &mut Criterion) {
     let candidates: Vec<Candidate> = (0..N)
         .map(|i| {
             let cap = capacity(i);
-            Candidate { capacity: cap, used: [cap[0] * (i as u64 % 7) / 10, cap[1] / 3, 0], eligible: true }
+            Candidate::known(cap, [cap[0] * (i as u64 % 7) / 10, cap[1] / 3, 0])
         })
         .collect();
     let weights = Weights::new(candidates.iter().map(|c| c.capacity));

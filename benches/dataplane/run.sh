@@ -4,6 +4,7 @@
 #   bash benches/dataplane/run.sh            # install what is missing, build, run, report
 #   DURATION=5 bash benches/dataplane/run.sh # shorter measurement windows (seconds)
 #   SKIP_INSTALL=1 SKIP_BUILD=1 bash benches/dataplane/run.sh   # reuse tools and binaries
+#   bash benches/dataplane/run.sh redis-outage   # the request log while Redis stalls and dies
 #
 # Results: benches/results/dataplane.md (printed too) and
 # benches/results/dataplane-latency.png. How it works: benches/README.md, section
@@ -20,7 +21,7 @@ die() { echo "dataplane: ERROR: $*" >&2; exit 1; }
 # --- tools -------------------------------------------------------------------
 if [[ -z "${SKIP_INSTALL:-}" ]]; then
     missing=()
-    for pair in nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client perf:linux-perf; do
+    for pair in nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client redis-server:redis-server perf:linux-perf; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
     done
     if ((${#missing[@]})); then
@@ -81,4 +82,9 @@ if ! ulimit -n "$want" 2>/dev/null; then
 fi
 log "open-files limit $(ulimit -n); $(nproc) cores; $(free -g | awk '/^Mem:/ {print $2}') GiB"
 
-exec python3 "$here/bench.py" --root "$root" "$@"
+script=bench.py
+if [[ "${1:-}" == "redis-outage" ]]; then
+    shift
+    script=redis_outage.py
+fi
+exec python3 "$here/$script" --root "$root" "$@"

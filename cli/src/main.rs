@@ -1,9 +1,13 @@
 //! `neutrino`: the command-line tool. Subcommands are thin: each reads or starts real
 //! components and prints what it finds.
 
+mod check;
 mod demo;
+mod inject;
+mod install;
 mod logs;
 mod show;
+mod stat;
 mod workload;
 
 use std::path::PathBuf;
@@ -54,6 +58,84 @@ enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Add the sidecar proxy to the pods of workload manifests (Pods, Deployments,
+    /// StatefulSets, DaemonSets, ReplicaSets, Jobs, CronJobs, Lists), offline: the same
+    /// patch the injector webhook applies. Other kinds pass through unchanged.
+    Inject {
+        /// Manifests (multi-document YAML); "-" reads stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Write here instead of stdout.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        args: neutrino_injector::config::InjectArgs,
+    },
+    /// Remove exactly what `neutrino inject` (or the webhook) added.
+    Uninject {
+        /// Manifests (multi-document YAML); "-" reads stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Write here instead of stdout.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+    },
+    /// Print the mesh's Kubernetes manifests (deploy/ rendered), for
+    /// `neutrino install | kubectl apply -f -`. Without --cert-manager, a CA and the
+    /// injector's serving certificate are generated (a new pair on every run).
+    Install {
+        /// Add the demo: Redis for the control-plane replicas, Jaeger, and the sample app.
+        #[arg(long)]
+        demo: bool,
+        /// Take the injector's certificate from cert-manager (installed in the cluster)
+        /// instead of generating it.
+        #[arg(long)]
+        cert_manager: bool,
+        /// Registry and repository prefix of the Neutrino images (default: neutrino).
+        #[arg(long)]
+        image_registry: Option<String>,
+        /// Tag of the Neutrino images (default: this version).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Control-plane replicas share load reports through this Redis (the demo's by default
+        /// with --demo).
+        #[arg(long)]
+        redis_url: Option<String>,
+    },
+    /// Preflight and health of the mesh in a cluster (KUBECONFIG): API, permissions, the
+    /// webhook and its CA, the control plane, connected proxies and their versions. Exits
+    /// non-zero when a check fails.
+    Check {
+        /// Seconds each request to the API server may take.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+    },
+    /// Per service and operation: requests per second, success rate, p50/p99 latency;
+    /// per endpoint: utilization and capacity. From the proxies' /metrics, measured over
+    /// a window.
+    Stat {
+        /// Admin addresses of the proxies to read (repeat or comma-separate); the demo's
+        /// client sidecar by default.
+        #[arg(long = "proxy", value_delimiter = ',', default_value = "127.0.0.1:15020")]
+        proxies: Vec<String>,
+        /// How long to measure, in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        window_secs: f64,
+    },
+    /// The busiest routes, live: `stat` refreshed in the terminal until Ctrl-C.
+    Top {
+        #[arg(long = "proxy", value_delimiter = ',', default_value = "127.0.0.1:15020")]
+        proxies: Vec<String>,
+        /// Refresh every this many milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Show at most this many routes.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Stop after this many refreshes (default: run until Ctrl-C).
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
     /// Print the config a running proxy holds (from its admin /config_dump).
     Config {
         /// The proxy's admin address.
@@ -66,9 +148,34 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo { mesh_file, keep_running, requests } => demo::run(&mesh_file, keep_running, requests).await,
+        Command::Stat { proxies, window_secs } => {
+            stat::stat(&proxies, std::time::Duration::from_secs_f64(window_secs.clamp(0.1, 3600.0))).await
+        }
+        Command::Top { proxies, interval_ms, limit, iterations } => {
+            stat::top(&proxies, std::time::Duration::from_millis(interval_ms.max(100)), limit, iterations).await
+        }
         Command::Logs { redis_url, stream, service, operation, status, count, follow } => {
             let filter = logs::Filter { service, operation, status };
             logs::run(&redis_url, &stream, &filter, count, follow).await
+        }
+        Command::Inject { file, output, args } => inject::inject(&file, output.as_ref(), &args),
+        Command::Uninject { file, output } => inject::uninject(&file, output.as_ref()),
+        Command::Install { demo, cert_manager, image_registry, tag, redis_url } => {
+            let opts = install::Options { demo, cert_manager, image_registry, tag, redis_url };
+            let tls = match cert_manager {
+                true => None,
+                false => Some(install::generate_tls(now_unix())?),
+            };
+            print!("{}", install::render(&opts, tls.as_ref())?);
+            Ok(())
+        }
+        Command::Check { timeout_secs } => {
+            let results = check::run(std::time::Duration::from_secs(timeout_secs.max(1))).await;
+            print!("{}", check::report(&results));
+            if results.iter().any(|r| r.status == check::Status::Fail) {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Config { admin } => {
             let dump = show::fetch(&admin).await?;
@@ -76,4 +183,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn now_unix() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map(|d| d.as_secs() as i64).unwrap_or(0)
 }

@@ -24,7 +24,17 @@ pub fn handle(state: &AdminState, path: &str) -> Reply {
         "/ready" => {
             let status = state.published.status.load();
             if status.synced {
-                Reply::text(200, format!("ready: generation {}\n", status.generation))
+                // Without Redis this replica still serves (its own proxies' loads): ready,
+                // but the detail says what is missing.
+                let share = state.published.share.load();
+                let detail = match (share.state.as_str(), &share.last_error) {
+                    ("degraded", why) => format!(
+                        "; load sharing degraded ({}): serving this replica's own reports",
+                        why.as_deref().unwrap_or("not connected yet")
+                    ),
+                    _ => String::new(),
+                };
+                Reply::text(200, format!("ready: generation {}{detail}\n", status.generation))
             } else {
                 let why = status.last_error.as_deref().unwrap_or("waiting for the first discovery sync");
                 Reply::text(503, format!("not ready: {why}\n"))
@@ -48,6 +58,7 @@ fn config_dump(state: &AdminState) -> Vec<u8> {
     }
     let dump = json!({
         "source": &**state.published.status.load(),
+        "load_sharing": &**state.published.share.load(),
         "generation": config.generation,
         "resources": resources,
         "proxies": state.registry.list(),

@@ -1,12 +1,15 @@
 //! The Neutrino control plane: watch -> index -> translate -> serve.
 //!
-//! `watch` turns a discovery source into whole mesh views; `index` (the single writer)
-//! debounces, translates and publishes immutable snapshots; `serve` streams each proxy
-//! what it subscribed to and lacks. `admin` exposes health, metrics and a dump.
+//! `watch` turns a discovery source into whole mesh views; `index` (the single writer
+//! of config) debounces, translates and publishes immutable snapshots; `load` (the
+//! single writer of the capacity lane) aggregates the proxies' load reports, shared
+//! across replicas through Redis; `serve` streams each proxy what it subscribed to and
+//! lacks, and takes in its load reports. `admin` exposes health, metrics and a dump.
 
 pub mod admin;
 pub mod debounce;
 pub mod index;
+pub mod load;
 pub mod metrics;
 pub mod model;
 pub mod quantity;
@@ -36,6 +39,7 @@ pub struct Settings {
     pub admin_addr: SocketAddr,
     pub debounce: DebounceSettings,
     pub serve: ServeSettings,
+    pub load: load::LoadSettings,
 }
 
 #[derive(Debug, Error)]
@@ -51,7 +55,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()> + Send +
     let metrics = Arc::new(metrics::Metrics::default());
     let registry = Arc::new(Registry::default());
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(4);
-    let published = index::spawn(settings.source.describe(), events_rx, settings.debounce, Arc::clone(&metrics));
+    let (mesh_tx, mesh_rx) = tokio::sync::watch::channel(None);
+    let load = load::spawn(mesh_rx, settings.load, Arc::clone(&metrics));
+    let published =
+        index::spawn(settings.source.describe(), events_rx, settings.debounce, Arc::clone(&metrics), mesh_tx, &load);
     tokio::spawn(settings.source.run(events_tx));
 
     let admin_listener = TcpListener::bind(settings.admin_addr).await.map_err(|source| RunError::Bind {
@@ -72,7 +79,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()> + Send +
         source,
     })?;
     tracing::info!(grpc = %settings.grpc_addr, admin = %settings.admin_addr, "control plane listening");
-    let service = DiscoveryService::new(published, metrics, registry, settings.serve);
+    let service = DiscoveryService::new(published, metrics, registry, settings.serve, load.sink);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use neutrino_control_plane::index::DebounceSettings;
+use neutrino_control_plane::load::{LoadSettings, share::ShareSettings};
 use neutrino_control_plane::serve::ServeSettings;
+use neutrino_control_plane::watch::kube::{KubeSettings, KubeSource};
 use neutrino_control_plane::watch::{Source, file::FileSource};
 use neutrino_control_plane::{ADMIN_PORT, GRPC_PORT, Settings};
 
@@ -19,8 +21,13 @@ use neutrino_control_plane::{ADMIN_PORT, GRPC_PORT, Settings};
 )]
 struct Args {
     /// Discover services from this mesh file (format: docs/mesh-file.md). Edits are picked up live.
+    /// Exactly one of --mesh-file and --kubernetes.
     #[arg(long, env = "NEUTRINO_MESH_FILE")]
-    mesh_file: PathBuf,
+    mesh_file: Option<PathBuf>,
+    /// Discover services from the Kubernetes API (KUBECONFIG, ~/.kube/config, or the pod's
+    /// service account). Exactly one of --mesh-file and --kubernetes.
+    #[arg(long, env = "NEUTRINO_KUBERNETES")]
+    kubernetes: bool,
     /// Address for the Discovery gRPC stream.
     #[arg(long, env = "NEUTRINO_GRPC_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], GRPC_PORT)))]
     grpc_addr: SocketAddr,
@@ -36,6 +43,16 @@ struct Args {
     /// Close streams after about this long (±10 %) so proxies rebalance across replicas.
     #[arg(long, default_value_t = 1800)]
     max_stream_age_secs: u64,
+    /// Share proxies' load reports with other replicas through this Redis (e.g.
+    /// redis://redis:6379). Without it, each replica pushes only its own proxies' reports.
+    #[arg(long, env = "NEUTRINO_REDIS_URL")]
+    redis_url: Option<String>,
+    /// This replica's name in Redis messages; defaults to host name and process id.
+    #[arg(long, env = "NEUTRINO_REPLICA")]
+    replica: Option<String>,
+    /// Publish load changes at most this often (milliseconds; 250 to 1000 is sensible).
+    #[arg(long, default_value_t = 250)]
+    capacity_interval_ms: u64,
     /// Log filter, e.g. "info" or "neutrino_control_plane=debug".
     #[arg(long, env = "NEUTRINO_LOG", default_value = "info")]
     log: String,
@@ -47,8 +64,30 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("parsing --log")?)
         .init();
+    let redis = match args.redis_url {
+        Some(url) => {
+            redis::Client::open(url.as_str())
+                .with_context(|| format!("--redis-url {url:?} is not a Redis URL; use redis://host:port"))?;
+            let replica = args.replica.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            });
+            Some(ShareSettings { redis_url: url, replica, prefix: "neutrino:load".into() })
+        }
+        None => None,
+    };
+    let source = match (args.mesh_file, args.kubernetes) {
+        (Some(path), false) => Source::File(FileSource::new(path)),
+        (None, true) => Source::Kubernetes(KubeSource::new(KubeSettings::default())),
+        (Some(_), true) => anyhow::bail!(
+            "--mesh-file and --kubernetes both given (or set through NEUTRINO_MESH_FILE / NEUTRINO_KUBERNETES); choose one discovery source"
+        ),
+        (None, false) => anyhow::bail!(
+            "no discovery source: pass --mesh-file <path> (local mode) or --kubernetes (in a cluster, or with KUBECONFIG)"
+        ),
+    };
     let settings = Settings {
-        source: Source::File(FileSource::new(args.mesh_file)),
+        source,
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
         debounce: DebounceSettings {
@@ -56,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
             max_delay: Duration::from_millis(args.debounce_max_ms),
         },
         serve: ServeSettings { max_stream_age: Duration::from_secs(args.max_stream_age_secs) },
+        load: LoadSettings { interval: Duration::from_millis(args.capacity_interval_ms.max(10)), redis },
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -19,6 +19,12 @@ impl KindLabel {
     }
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabel {
+    /// Where a load report came from: "stream" (a proxy on this replica) or "redis".
+    pub origin: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub connected_proxies: Gauge,
@@ -32,6 +38,13 @@ pub struct Metrics {
     pub snapshots_published: Counter,
     pub source_errors: Counter,
     pub openapi_errors: Counter,
+    pub load_reports: Family<OriginLabel, Counter>,
+    pub load_reports_dropped: Counter,
+    pub capacity_published: Counter,
+    pub redis_connected: Gauge,
+    pub redis_writes: Counter,
+    pub redis_writes_dropped: Counter,
+    pub redis_malformed: Counter,
 }
 
 impl Metrics {
@@ -48,6 +61,25 @@ impl Metrics {
         r.register("snapshots_published", "Snapshots published after debouncing", self.snapshots_published.clone());
         r.register("source_errors", "Discovery source reads that failed", self.source_errors.clone());
         r.register("openapi_errors", "OpenAPI documents that failed to read or parse", self.openapi_errors.clone());
+        r.register("load_reports", "Load reports taken in, by origin", self.load_reports.clone());
+        r.register(
+            "load_reports_dropped",
+            "Load reports dropped because the aggregator lagged",
+            self.load_reports_dropped.clone(),
+        );
+        r.register("capacity_published", "Capacity-lane snapshots published", self.capacity_published.clone());
+        r.register(
+            "redis_connected",
+            "1 while load sharing through Redis works; 0 when degraded (serving this replica's own reports)",
+            self.redis_connected.clone(),
+        );
+        r.register("redis_writes", "Load reports written to Redis", self.redis_writes.clone());
+        r.register(
+            "redis_writes_dropped",
+            "Load reports not written to Redis (down or slow)",
+            self.redis_writes_dropped.clone(),
+        );
+        r.register("redis_malformed", "Messages from Redis that were not load reports", self.redis_malformed.clone());
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);

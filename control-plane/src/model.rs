@@ -65,6 +65,23 @@ pub struct EndpointModel {
     pub pod: String,
 }
 
+/// The load a pod's inbound proxy reported: the cost in flight from all callers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoadReport {
+    /// cpu millis, memory bytes, GPUs.
+    pub in_flight: [u64; 3],
+    /// Milliseconds since the Unix epoch when it was measured.
+    pub measured_at_ms: u64,
+}
+
+/// Reports by pod key ("<namespace>/<pod>", see [`pod_key`]).
+pub type Reports = std::collections::HashMap<String, LoadReport>;
+
+/// How a pod is named in load reports: "<namespace>/<pod>".
+pub fn pod_key(namespace: &str, pod: &str) -> String {
+    format!("{namespace}/{pod}")
+}
+
 /// Resource names of per-service resources: "<namespace>/<name>".
 pub fn service_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")

@@ -1,12 +1,104 @@
-//! `neutrino-injector`: skeleton until the webhook lands.
+//! `neutrino-injector`: flags in, the HTTPS admission webhook out (`serve`).
+//!
+//! Prints `listening on https://ADDR` on stdout once it accepts connections (after the CA
+//! bundle, if asked for, is written); logs go to stderr. SIGTERM or Ctrl-C: stop
+//! accepting, drain, exit 0.
 
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Parser;
+use neutrino_injector::config::InjectArgs;
+use neutrino_injector::serve::{self, Settings};
+use neutrino_injector::tls;
 
 #[derive(Debug, Parser)]
 #[command(name = "neutrino-injector", version, about = "Neutrino sidecar injector (mutating admission webhook)")]
-struct Args {}
+struct Args {
+    /// HTTPS listen address (port 0: any free port, printed at start).
+    #[arg(long, env = "NEUTRINO_INJECTOR_ADDR", default_value = "0.0.0.0:15017")]
+    addr: SocketAddr,
+    /// PEM certificate chain to serve (re-read when it changes).
+    #[arg(long, requires = "tls_key", conflicts_with = "self_signed_dns")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Generate a CA and a serving certificate for these DNS names at start
+    /// (comma-separated, e.g. neutrino-injector.neutrino-system.svc).
+    #[arg(long, value_delimiter = ',')]
+    self_signed_dns: Vec<String>,
+    /// With --self-signed-dns: write the CA certificate (PEM, the webhook's caBundle) here.
+    #[arg(long, requires = "self_signed_dns")]
+    ca_bundle_out: Option<PathBuf>,
+    /// With --tls-cert: how often the files are checked for a new certificate (seconds).
+    #[arg(long, default_value_t = 10)]
+    tls_reload_secs: u64,
+    /// Larger request bodies are refused with 413.
+    #[arg(long, default_value_t = serve::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// On SIGTERM, how long open connections may take to finish (seconds).
+    #[arg(long, default_value_t = 10)]
+    drain_timeout_secs: u64,
+    /// Log filter, e.g. "info" or "neutrino_injector=debug".
+    #[arg(long, env = "NEUTRINO_LOG", default_value = "info")]
+    log: String,
+    #[command(flatten)]
+    inject: InjectArgs,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _ = Args::parse();
-    anyhow::bail!(neutrino_injector::NOT_YET)
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("parsing --log")?)
+        .init();
+    let inject = args.inject.config()?;
+
+    let (key, files) = match (&args.tls_cert, &args.tls_key, args.self_signed_dns.is_empty()) {
+        (Some(cert), Some(key), _) => (tls::load(cert, key)?, Some((cert.clone(), key.clone()))),
+        (None, None, false) => {
+            let generated = tls::generate(&args.self_signed_dns)?;
+            if let Some(path) = &args.ca_bundle_out {
+                tls::write_ca(path, &generated.ca_pem)?;
+            }
+            (generated.key, None)
+        }
+        _ => anyhow::bail!(
+            "no TLS certificate: give --tls-cert and --tls-key, or --self-signed-dns NAMES [--ca-bundle-out FILE] \
+             (the API server only calls webhooks over HTTPS)"
+        ),
+    };
+    let resolver = tls::Resolver::new(key);
+    let config = tls::server_config(resolver.clone())?;
+    if let Some((cert, key)) = files {
+        tokio::spawn(tls::watch_files(resolver, cert, key, Duration::from_secs(args.tls_reload_secs.max(1))));
+    }
+
+    let listener =
+        tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding --addr {}", args.addr))?;
+    let local = listener.local_addr().context("reading the listen address")?;
+    tracing::info!(%local, mode = inject.sidecar_mode.as_str(), image = %inject.proxy_image, "serving");
+    let mut out = std::io::stdout();
+    writeln!(out, "listening on https://{local}").and_then(|()| out.flush()).context("writing to stdout")?;
+
+    let settings = Arc::new(Settings {
+        inject,
+        max_body_bytes: args.max_body_bytes,
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+    });
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    serve::serve(listener, config, settings, shutdown).await;
+    Ok(())
 }

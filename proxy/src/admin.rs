@@ -17,6 +17,8 @@ pub struct AdminState {
     pub store: Arc<ConfigStore>,
     pub stream: Arc<ArcSwap<StreamStatus>>,
     pub metrics: Arc<Metrics>,
+    /// The data path's view, for per-operation and per-endpoint metrics.
+    pub mesh: Arc<ArcSwap<crate::route::Mesh>>,
     /// Set on shutdown: /ready turns 503 so no new traffic is sent here.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -28,7 +30,9 @@ pub fn handle(state: &AdminState, path: &str) -> Reply {
             let snap = state.store.load();
             if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
                 Reply::text(503, "not ready: shutting down\n")
-            } else if snap.is_ready() {
+            } else if snap.is_ready() && state.mesh.load().is_ready() {
+                // Ready once the data path has compiled the config, not only received it:
+                // a request sent right after /ready says 200 must find its service.
                 Reply::text(200, format!("ready: config generation {}\n", snap.generation))
             } else {
                 let stream = state.stream.load();
@@ -38,7 +42,8 @@ pub fn handle(state: &AdminState, path: &str) -> Reply {
         }
         "/metrics" => {
             let snap = state.store.load();
-            Reply::metrics(state.metrics.encode(snap.generation, snap.is_ready()))
+            let routes = crate::telemetry::route_metrics::RouteCollector { mesh: Arc::clone(&state.mesh) };
+            Reply::metrics(state.metrics.encode(snap.generation, snap.is_ready(), Some(routes)))
         }
         "/config_dump" => Reply::json(200, config_dump(state)),
         other => Reply::not_found(other),

@@ -49,6 +49,8 @@ pub struct Settings {
     pub drain_timeout: std::time::Duration,
     /// Where the request log goes, if anywhere.
     pub request_log: Option<telemetry::request_log::Settings>,
+    /// Where trace spans go (OTLP/gRPC), if tracing is on.
+    pub tracing: Option<telemetry::trace::Settings>,
     pub data: forward::DataSettings,
 }
 
@@ -58,7 +60,12 @@ pub enum RunError {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("request log: {0}; check --redis-url (e.g. redis://127.0.0.1:6379)")]
     RequestLog(#[from] redis::RedisError),
+    #[error(transparent)]
+    Trace(#[from] telemetry::trace::TraceError),
 }
+
+/// The latest out-of-band load report of this proxy's pod.
+pub type LoadReports = tokio::sync::watch::Receiver<Option<neutrino_proto::LoadReport>>;
 
 /// A running proxy's shared parts, for embedding (tests, benchmarks).
 #[derive(Debug, Clone)]
@@ -68,15 +75,16 @@ pub struct Handles {
     pub metrics: Arc<metrics::Metrics>,
 }
 
-/// Starts the config source; returns handles to what it publishes.
-pub fn start_config(source: ConfigSource) -> Handles {
+/// Starts the config source; returns handles to what it publishes. In stream mode,
+/// `reports` (the pod's load, see `telemetry::load_report`) go to the control plane.
+pub fn start_config(source: ConfigSource, reports: Option<LoadReports>) -> Handles {
     let store = Arc::new(ConfigStore::default());
     let stream = Arc::new(ArcSwap::from_pointee(StreamStatus::default()));
     let metrics = Arc::new(metrics::Metrics::default());
     let applier = Applier::new(Arc::clone(&store));
     match source {
         ConfigSource::Stream(s) => {
-            tokio::spawn(config::stream::run(s, applier, Arc::clone(&stream), Arc::clone(&metrics)));
+            tokio::spawn(config::stream::run(s, applier, Arc::clone(&stream), Arc::clone(&metrics), reports));
         }
         ConfigSource::File(path) => {
             tokio::spawn(config::file::run(path, applier, Arc::clone(&stream)));
@@ -97,8 +105,15 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     };
     let outbound = bind("outbound listener", settings.outbound_addr).await?;
     let inbound = bind("inbound listener", settings.inbound_addr).await?;
-    let handles = start_config(settings.config);
     let mesh = Arc::new(ArcSwap::from_pointee(route::Mesh::default()));
+    let pod_load = Arc::new(forward::inbound::PodLoad::default());
+    let reports = match &settings.config {
+        ConfigSource::Stream(s) => {
+            Some(telemetry::load_report::spawn(Arc::clone(&pod_load), Arc::clone(&mesh), s.node.pod.clone()))
+        }
+        ConfigSource::File(_) => None,
+    };
+    let handles = start_config(settings.config, reports);
     tokio::spawn(compile_mesh(Arc::clone(&handles.store), Arc::clone(&mesh)));
     let request_log = match settings.request_log {
         Some(s) => Some(telemetry::request_log::spawn(
@@ -108,15 +123,29 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         )?),
         None => None,
     };
+    let traces = match &settings.tracing {
+        Some(t) => {
+            let d = &handles.metrics.data;
+            let counters = telemetry::trace::Counters {
+                exported: d.trace_spans_exported.clone(),
+                dropped: d.trace_spans_dropped.clone(),
+                export_failures: d.trace_export_failures.clone(),
+            };
+            Some(Arc::new(telemetry::trace::Tracing::start(t, counters)?))
+        }
+        None => None,
+    };
     let shared = Arc::new(forward::Shared {
         mesh,
         upstreams: forward::Upstreams::new(&settings.data),
         settings: settings.data,
         retry_budget: Default::default(),
         metrics: Arc::clone(&handles.metrics),
-        pod_load: Default::default(),
+        pod_load,
         request_log,
+        tracing: traces.clone(),
     });
+    let admin_mesh = Arc::clone(&shared.mesh);
     tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));
     // ip6tables sends IPv6 traffic to the same ports on IPv6 addresses: listen there
     // too. Best effort, as a pod may have IPv6 disabled.
@@ -139,6 +168,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         tokio::spawn(accept::serve_inbound(inbound, shared, settings.inbound_app_addr, Arc::clone(&tracker)));
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state = admin::AdminState {
+        mesh: admin_mesh,
         store: handles.store,
         stream: handles.stream,
         metrics: handles.metrics,
@@ -164,6 +194,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let left = tracker.wait_idle(settings.drain_timeout).await;
     if left > 0 {
         tracing::warn!(left, "drain timeout reached; closing the remaining inbound connections");
+    }
+    if let Some(t) = traces {
+        t.shutdown().await;
     }
     Ok(())
 }

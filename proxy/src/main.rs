@@ -16,7 +16,8 @@ struct Args {
     /// Without a subcommand, runs the proxy.
     #[command(subcommand)]
     command: Option<Cmd>,
-    /// Control plane address (host:port). Ignored with --config-file.
+    /// Control plane address (host:port); several replicas, comma-separated, are tried in
+    /// turn on each reconnect. Ignored with --config-file.
     #[arg(long, env = "NEUTRINO_CONTROL_PLANE", default_value = "neutrino-control-plane.neutrino-system.svc:15010")]
     control_plane: String,
     /// Local mode: read config from this mesh file instead of a control plane.
@@ -50,6 +51,12 @@ struct Args {
     /// The request log is trimmed to about this many records.
     #[arg(long, default_value_t = 100_000)]
     request_log_max_len: u64,
+    /// Export trace spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317).
+    /// Without it, tracing is on only when OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set; the other OTEL_* variables (OTEL_SERVICE_NAME,
+    /// OTEL_TRACES_SAMPLER(_ARG), OTEL_BSP_*, OTEL_EXPORTER_OTLP_*) are honoured.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// On SIGTERM, how long open inbound connections may take to finish (seconds).
     #[arg(long, default_value_t = 30)]
     drain_timeout_secs: u64,
@@ -79,6 +86,19 @@ struct Args {
 enum Cmd {
     /// Install (or with --cleanup remove) the nat rules that send this pod's TCP to the proxy; the init container.
     Init(neutrino_proxy::init::InitArgs),
+    /// Wait until the proxy answers 200 on its admin /ready, then exit 0 (exit 1 at the
+    /// timeout). The legacy sidecar's postStart hook, so app containers start after the proxy.
+    WaitReady(WaitReadyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct WaitReadyArgs {
+    /// The proxy's admin address.
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)))]
+    admin_addr: SocketAddr,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
 }
 
 #[tokio::main]
@@ -90,6 +110,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Cmd::Init(init)) = &args.command {
         print!("{}", neutrino_proxy::init::run(init)?);
         return Ok(());
+    }
+    if let Some(Cmd::WaitReady(w)) = &args.command {
+        return wait_ready(w.admin_addr, Duration::from_secs(w.timeout_secs)).await;
     }
     let pod = if args.pod.is_empty() { hostname() } else { args.pod.clone() };
     let pod_name = pod.clone();
@@ -141,6 +164,12 @@ async fn main() -> anyhow::Result<()> {
             max_len: args.request_log_max_len,
             queue: 8192,
         }),
+        tracing: neutrino_proxy::telemetry::trace::Settings::if_enabled(
+            args.otlp_endpoint.clone(),
+            &pod_name,
+            &args.namespace,
+            &source,
+        ),
         data,
     };
     neutrino_proxy::run(settings, shutdown).await?;
@@ -151,4 +180,41 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| format!("proxy-{}", std::process::id()))
+}
+
+/// `wait-ready`: polls `http://ADDR/ready` every 200 ms (each try bounded by 2 s) until it
+/// answers 200. Plain HTTP/1.1 over a socket: nothing else of the proxy is started.
+async fn wait_ready(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match tokio::time::timeout(Duration::from_secs(2), ready_status(addr)).await {
+            Ok(Ok((200, _))) => return Ok(()),
+            Ok(Ok((code, body))) => format!("{code} {}", body.trim()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 2 s".to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "the proxy was not ready within {} s: http://{addr}/ready last said: {last}; \
+                 see the neutrino-proxy container's log (kubectl logs POD -c neutrino-proxy)",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One `GET /ready`: the status code and body.
+async fn ready_status(addr: SocketAddr) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET /ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+    let code = code.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
 }

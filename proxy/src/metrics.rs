@@ -1,5 +1,6 @@
-//! The proxy's Prometheus metrics (config path for now). Declared and encoded here;
-//! updated where things happen.
+//! The proxy's Prometheus metrics: process-wide counters declared here and updated where
+//! things happen; per-operation and per-endpoint families come from
+//! `telemetry::route_metrics` at scrape time.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -31,6 +32,10 @@ pub struct DataMetrics {
     pub ejections: Counter,
     pub request_log_written: Counter,
     pub request_log_dropped: Counter,
+    /// Trace spans: see `telemetry::trace`.
+    pub trace_spans_exported: Counter,
+    pub trace_spans_dropped: Counter,
+    pub trace_export_failures: Counter,
 }
 
 #[derive(Debug, Default)]
@@ -40,11 +45,21 @@ pub struct Metrics {
     pub updates_rejected: Family<KindLabel, Counter>,
     pub stream_connects: Counter,
     pub stream_connected: Gauge,
+    pub load_reports_sent: Counter,
 }
 
 impl Metrics {
-    pub fn encode(&self, generation: u64, ready: bool) -> String {
+    /// The exposition; with `routes`, the per-operation and per-endpoint families too.
+    pub fn encode(
+        &self,
+        generation: u64,
+        ready: bool,
+        routes: Option<crate::telemetry::route_metrics::RouteCollector>,
+    ) -> String {
         let mut r = Registry::with_prefix("neutrino_proxy");
+        if let Some(c) = routes {
+            r.register_collector(Box::new(c));
+        }
         r.register(
             "config_updates_applied",
             "Config updates validated and published (ACKed)",
@@ -57,6 +72,11 @@ impl Metrics {
         );
         r.register("control_plane_connects", "Discovery streams established", self.stream_connects.clone());
         r.register("control_plane_connected", "1 while the discovery stream is open", self.stream_connected.clone());
+        r.register(
+            "load_reports_sent",
+            "Reports of this pod's load sent to the control plane",
+            self.load_reports_sent.clone(),
+        );
         let d = &self.data;
         r.register("outbound_http_requests", "HTTP requests to mesh services", d.outbound_http_requests.clone());
         r.register(
@@ -78,6 +98,21 @@ impl Metrics {
             "request_log_dropped",
             "Request records dropped because Redis was slow or down",
             d.request_log_dropped.clone(),
+        );
+        r.register(
+            "trace_spans_exported",
+            "Trace spans accepted by the OTLP collector",
+            d.trace_spans_exported.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Trace spans dropped: the export queue was full, or their export failed or timed out",
+            d.trace_spans_dropped.clone(),
+        );
+        r.register(
+            "trace_export_failures",
+            "OTLP trace exports that failed or missed their deadline",
+            d.trace_export_failures.clone(),
         );
         let g: Gauge = Gauge::default();
         g.set(i64::try_from(generation).unwrap_or(i64::MAX));

@@ -75,9 +75,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[String]) -> Proc {
+        Proc::spawn_env(name, args, &[])
+    }
+
+    /// Like [`Proc::spawn`], with these environment variables added.
+    pub fn spawn_env(name: &str, args: &[String], env: &[(&str, &str)]) -> Proc {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cmd = Command::new(bin(name));
-        cmd.args(args);
+        cmd.args(args).envs(env.iter().copied());
         let (child, log) = spawn_logged(name, cmd, dir.path());
         Proc { name: name.to_string(), child: Some(child), log, _dir: dir }
     }
@@ -288,23 +293,24 @@ impl Proxy {
         Proxy::start_with(control_plane_grpc, &[])
     }
 
+    /// A proxy with `extra` flags; a `--control-plane` or `--pod` among them replaces the
+    /// default.
     pub fn start_with(control_plane_grpc: u16, extra: &[&str]) -> Proxy {
+        Proxy::start_env(control_plane_grpc, extra, &[])
+    }
+
+    /// Like [`Proxy::start_with`], with these environment variables added.
+    pub fn start_env(control_plane_grpc: u16, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
         let (admin, outbound, inbound) = (free_port(), free_port(), free_port());
         let mut args = proxy_args(admin, outbound, inbound);
-        args.extend(
-            [
-                "--control-plane",
-                &format!("127.0.0.1:{control_plane_grpc}"),
-                "--pod",
-                "test-pod",
-                "--backoff-max-ms",
-                "500",
-            ]
-            .iter()
-            .chain(extra)
-            .map(|s| s.to_string()),
-        );
-        Proxy { proc: Proc::spawn("neutrino-proxy", &args), admin, outbound, inbound }
+        if !extra.contains(&"--control-plane") {
+            args.extend(["--control-plane".to_string(), format!("127.0.0.1:{control_plane_grpc}")]);
+        }
+        if !extra.contains(&"--pod") {
+            args.extend(["--pod".to_string(), "test-pod".to_string()]);
+        }
+        args.extend(["--backoff-max-ms", "500"].iter().chain(extra).map(|s| s.to_string()));
+        Proxy { proc: Proc::spawn_env("neutrino-proxy", &args, env), admin, outbound, inbound }
     }
 
     pub fn start_local(config_file: &Path) -> Proxy {
@@ -324,6 +330,39 @@ impl Proxy {
 
     pub async fn wait_ready(&self) {
         wait_for("proxy /ready", Duration::from_secs(20), || async {
+            let (code, body) = get(self.admin, "/ready").await?;
+            if code == 200 { Ok(()) } else { Err(anyhow!("{code}: {body}")) }
+        })
+        .await
+    }
+}
+
+/// A backend pod's sidecar: its inbound listener on the endpoint's port, forwarding to
+/// the app (`--inbound-app-addr`, as nothing redirects here), named after the pod.
+pub struct Sidecar {
+    pub proc: Proc,
+    pub admin: u16,
+    pub inbound: u16,
+    pub outbound: u16,
+}
+
+impl Sidecar {
+    /// `control_planes`: one address or several, comma-separated. `env`: added to the
+    /// process's environment.
+    pub fn start(control_planes: &str, pod: &str, inbound: u16, app_port: u16, env: &[(&str, &str)]) -> Sidecar {
+        let (admin, outbound) = (free_port(), free_port());
+        let mut args = proxy_args(admin, outbound, inbound);
+        args.extend(
+            ["--control-plane", control_planes, "--inbound-app-addr", &format!("127.0.0.1:{app_port}")]
+                .into_iter()
+                .chain(["--pod", pod, "--backoff-max-ms", "300"])
+                .map(str::to_string),
+        );
+        Sidecar { proc: Proc::spawn_env("neutrino-proxy", &args, env), admin, inbound, outbound }
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_for("the sidecar's /ready", Duration::from_secs(20), || async {
             let (code, body) = get(self.admin, "/ready").await?;
             if code == 200 { Ok(()) } else { Err(anyhow!("{code}: {body}")) }
         })

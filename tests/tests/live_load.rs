@@ -1,7 +1,7 @@
 //! Load reported in band: two callers' proxies share one backend, and the backend's
 //! own proxy (which sees both) tells each caller the pod's true load on every response
-//! (`x-neutrino-load`). So a caller sees the other's load before any push: no push of
-//! live load exists yet at all here.
+//! (`x-neutrino-load`). So a caller sees the other's load before any push: the control
+//! plane here pushes live load only every ten minutes.
 
 #![allow(clippy::unwrap_used)]
 
@@ -41,37 +41,15 @@ async fn each_caller_sees_the_others_load_through_the_backends_proxy() {
         "services:\n  - name: web\n    ports: [{{port: 80, protocol: http}}]\n    openapi: {}\n    endpoints:\n      - {{address: 127.0.0.1, port: {sidecar_inbound}, name: web-0, capacity: {{cpu: 4, memory: 8Gi}}}}\n",
         spec.path().join("web.yaml").display()
     ));
-    let cp = ControlPlane::start(&mesh.path(), &[]);
+    // No pushes of live load during the test: only the header can tell B.
+    let cp = ControlPlane::start(&mesh.path(), &["--capacity-interval-ms", "600000"]);
     // The backend's sidecar: inbound on the endpoint's port, forwarding to the app.
-    let (admin, outbound) = (free_port(), free_port());
-    let sidecar = Proc::spawn(
-        "neutrino-proxy",
-        &[
-            "--control-plane",
-            &format!("127.0.0.1:{}", cp.grpc),
-            "--admin-addr",
-            &format!("127.0.0.1:{admin}"),
-            "--outbound-addr",
-            &format!("127.0.0.1:{outbound}"),
-            "--inbound-addr",
-            &format!("127.0.0.1:{sidecar_inbound}"),
-            "--inbound-app-addr",
-            &format!("127.0.0.1:{}", app.port),
-            "--pod",
-            "web-0",
-        ]
-        .map(str::to_string),
-    );
+    let sidecar = Sidecar::start(&format!("127.0.0.1:{}", cp.grpc), "web-0", sidecar_inbound, app.port, &[]);
     let a = Proxy::start_with(cp.grpc, &["--queue-timeout-ms", "200"]);
     let b = Proxy::start_with(cp.grpc, &["--queue-timeout-ms", "200"]);
     a.wait_ready().await;
     b.wait_ready().await;
-    wait_for("the backend's sidecar", Duration::from_secs(10), || async {
-        let (code, _) = get(admin, "/ready").await?;
-        anyhow::ensure!(code == 200, "{code}");
-        Ok(())
-    })
-    .await;
+    sidecar.wait_ready().await;
 
     // Caller A puts 3 of the backend's 4 CPUs to work.
     let (a_out, b_out) = (a.outbound, b.outbound);

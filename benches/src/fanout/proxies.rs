@@ -3,12 +3,15 @@
 use super::*;
 
 pub(crate) fn connect(grpc_addr: &SocketAddr, i: usize) -> Handles {
-    neutrino_proxy::start_config(ConfigSource::Stream(StreamSettings {
-        control_plane: grpc_addr.to_string(),
-        node: Node { id: format!("bench-{i}"), namespace: NAMESPACE.into(), ..Default::default() },
-        backoff_min: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(2),
-    }))
+    neutrino_proxy::start_config(
+        ConfigSource::Stream(StreamSettings {
+            control_plane: grpc_addr.to_string(),
+            node: Node { id: format!("bench-{i}"), namespace: NAMESPACE.into(), ..Default::default() },
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+        }),
+        None,
+    )
 }
 
 /// Ready, and holding every service's resources of every type.

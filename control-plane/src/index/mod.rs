@@ -1,6 +1,7 @@
-//! Index: the single writer of the control plane's state. It takes whole mesh views
+//! Index: the single writer of the control plane's config. It takes whole mesh views
 //! from a source, debounces them, translates them and publishes immutable snapshots on
-//! two lanes (config; capacity) that every stream reads. It must not talk to proxies.
+//! the config lane that every stream reads, and hands each view to `load`, the writer
+//! of the capacity lane. It must not talk to proxies.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,8 +35,11 @@ pub struct SourceStatus {
 #[derive(Debug, Clone)]
 pub struct Published {
     pub config: watch::Receiver<Arc<Snapshot>>,
+    /// Written by `load`.
     pub capacity: watch::Receiver<Arc<Snapshot>>,
     pub status: Arc<ArcSwap<SourceStatus>>,
+    /// Load sharing between replicas, as `load` sees it.
+    pub share: Arc<ArcSwap<crate::load::ShareStatus>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -44,17 +48,24 @@ pub struct DebounceSettings {
     pub max_delay: Duration,
 }
 
-/// Starts the index task. It ends when the source's sender is dropped.
+/// Starts the index task. It ends when the source's sender is dropped. Each published
+/// view also goes to `mesh` (for the capacity lane, `load`).
 pub fn spawn(
     source_name: String,
     mut events: mpsc::Receiver<SourceEvent>,
     debounce: DebounceSettings,
     metrics: Arc<Metrics>,
+    mesh_tx: watch::Sender<Option<Arc<MeshState>>>,
+    load: &crate::load::Started,
 ) -> Published {
     let (config_tx, config_rx) = watch::channel(Arc::new(Snapshot::default()));
-    let (capacity_tx, capacity_rx) = watch::channel(Arc::new(Snapshot::default()));
     let status = Arc::new(ArcSwap::from_pointee(SourceStatus { source: source_name, ..Default::default() }));
-    let published = Published { config: config_rx, capacity: capacity_rx, status: Arc::clone(&status) };
+    let published = Published {
+        config: config_rx,
+        capacity: load.capacity.clone(),
+        status: Arc::clone(&status),
+        share: Arc::clone(&load.status),
+    };
 
     tokio::spawn(async move {
         let mut timer = Debounce::new(debounce.quiet, debounce.max_delay);
@@ -96,9 +107,8 @@ pub fn spawn(
                     }
                     let next = generation + 1;
                     let config = Snapshot::succeed(&config_tx.borrow(), next, translate::config(&mesh, &resolved.routes));
-                    let capacity = Snapshot::succeed(&capacity_tx.borrow(), next, translate::capacity(&mesh));
                     let first = generation == 0;
-                    if config.is_some() || capacity.is_some() || first {
+                    if config.is_some() || first {
                         generation = next;
                         metrics.snapshot_generation.set(i64::try_from(generation).unwrap_or(i64::MAX));
                         metrics.snapshots_published.inc();
@@ -110,9 +120,6 @@ pub fn spawn(
                     if let Some(c) = config.or_else(|| first.then(empty)) {
                         config_tx.send_replace(Arc::new(c));
                     }
-                    if let Some(c) = capacity.or_else(|| first.then(empty)) {
-                        capacity_tx.send_replace(Arc::new(c));
-                    }
                     let endpoints = mesh.services.values().map(|s| s.endpoints.len()).sum();
                     let mut s = SourceStatus::clone(&status.load());
                     s.synced = true;
@@ -122,6 +129,7 @@ pub fn spawn(
                     s.services = mesh.services.len();
                     s.endpoints = endpoints;
                     status.store(Arc::new(s));
+                    mesh_tx.send_replace(Some(Arc::new(mesh)));
                 }
             }
         }

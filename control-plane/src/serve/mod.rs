@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::index::Published;
+use crate::load::ReportSink;
 use crate::metrics::{KindLabel, Metrics};
 use crate::translate::Snapshot;
 use delta::Subscription;
@@ -40,11 +41,18 @@ pub struct DiscoveryService {
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     settings: ServeSettings,
+    reports: ReportSink,
 }
 
 impl DiscoveryService {
-    pub fn new(published: Published, metrics: Arc<Metrics>, registry: Arc<Registry>, settings: ServeSettings) -> Self {
-        DiscoveryService { published, metrics, registry, settings }
+    pub fn new(
+        published: Published,
+        metrics: Arc<Metrics>,
+        registry: Arc<Registry>,
+        settings: ServeSettings,
+        reports: ReportSink,
+    ) -> Self {
+        DiscoveryService { published, metrics, registry, settings, reports }
     }
 
     pub fn into_server(self) -> DiscoveryServer<Self> {
@@ -73,6 +81,8 @@ impl Discovery for DiscoveryService {
             nonce: 0,
             stream_id: 0,
             peer,
+            reports: self.reports.clone(),
+            pod_key: None,
         };
         let age = jittered(self.settings.max_stream_age);
         tokio::spawn(conn.run(age));
@@ -105,6 +115,9 @@ struct Connection {
     nonce: u64,
     stream_id: u64,
     peer: String,
+    reports: ReportSink,
+    /// "<namespace>/<pod>" of the proxy, when it names its pod: whose load it reports.
+    pod_key: Option<String>,
 }
 
 /// Why a stream ended; for the log.
@@ -182,12 +195,17 @@ impl Connection {
 
     fn register(&mut self, node: &Node) {
         self.stream_id = self.registry.add(node.clone(), self.peer.clone());
+        self.pod_key = (!node.pod.is_empty()).then(|| crate::model::pod_key(&node.namespace, &node.pod));
         self.metrics.connected_proxies.inc();
         self.metrics.streams_total.inc();
         tracing::info!(node = %node.id, peer = %self.peer, "serve: proxy connected");
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), End> {
+        if let Some(report) = req.load_report {
+            self.take_report(report);
+            return Ok(());
+        }
         if req.type_url.is_empty() {
             return Err(End::Error(Status::invalid_argument("DiscoveryRequest.type_url is empty")));
         }
@@ -224,6 +242,18 @@ impl Connection {
         }
         sub.update(&req, is_new);
         self.push(&type_url).await
+    }
+
+    /// A proxy's report of its own pod's load. Reports from proxies that did not name
+    /// their pod cannot be matched to endpoints and are ignored.
+    fn take_report(&mut self, r: neutrino_proto::LoadReport) {
+        let Some(pod) = &self.pod_key else { return };
+        let v = r.in_flight.unwrap_or_default();
+        let report = crate::model::LoadReport {
+            in_flight: [v.cpu_millis, v.memory_bytes, v.gpu],
+            measured_at_ms: r.measured_at_ms,
+        };
+        self.reports.report(pod.clone(), report);
     }
 
     async fn push_lane(&mut self, which: Lane) -> Result<(), End> {

@@ -11,7 +11,7 @@ pub mod openapi;
 
 use neutrino_proto::{self as pb, Resource, resource::Body, type_url};
 
-use crate::model::{Capacity, MeshState, ServiceModel};
+use crate::model::{Capacity, MeshState, Reports, ServiceModel, pod_key};
 
 /// One type's resources, by name.
 pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
@@ -120,15 +120,49 @@ pub fn config(
     BTreeMap::from([(type_url::SERVICE, Arc::new(services)), (type_url::ENDPOINTS, Arc::new(endpoints))])
 }
 
-/// The capacity lane: one `Capacity` per service. No load has been reported yet by
-/// anything in this build, so each lists no loads; proxies then weigh endpoints by
-/// capacity alone.
-pub fn capacity(mesh: &MeshState) -> BTreeMap<&'static str, Arc<ResourceMap>> {
+/// A load report counts for this long after it was measured; then its endpoint's load
+/// is unknown (the proxies' own expiry is the same).
+pub const REPORT_TTL_MS: u64 = 3_000;
+/// Loads are rounded down to this many parts per million, so noise below 0.1 % does
+/// not make a new version.
+const PPM_STEP: u64 = 1_000;
+
+/// The capacity lane: one `Capacity` per service, listing the endpoints whose pods
+/// reported their load within `REPORT_TTL_MS` of `now_ms` (Unix ms). An endpoint
+/// without a fresh report is left out: proxies then treat its load as unknown.
+pub fn capacity(mesh: &MeshState, reports: &Reports, now_ms: u64) -> BTreeMap<&'static str, Arc<ResourceMap>> {
+    let ppm = |used: u64, cap: u64| {
+        if cap == 0 {
+            return 0;
+        }
+        let p = (u128::from(used) * 1_000_000 / u128::from(cap)).min(u128::from(u32::MAX)) as u64;
+        (p / PPM_STEP * PPM_STEP) as u32
+    };
     let map = mesh
         .services
-        .keys()
-        .map(|key| {
-            let body = Body::Capacity(pb::Capacity { service: key.clone(), loads: Vec::new() });
+        .iter()
+        .map(|(key, svc)| {
+            let loads = svc
+                .endpoints
+                .iter()
+                .filter(|e| !e.pod.is_empty())
+                .filter_map(|e| {
+                    let r = reports.get(&pod_key(&svc.namespace, &e.pod))?;
+                    if now_ms.saturating_sub(r.measured_at_ms) >= REPORT_TTL_MS {
+                        return None;
+                    }
+                    Some(pb::EndpointLoad {
+                        address: e.address.to_string(),
+                        port: u32::from(e.port),
+                        cpu_ppm: ppm(r.in_flight[0], e.capacity.cpu_millis),
+                        memory_ppm: ppm(r.in_flight[1], e.capacity.memory_bytes),
+                        gpu_ppm: ppm(r.in_flight[2], e.capacity.gpu),
+                        // To the second: a steady load makes a new version once a second.
+                        reported_at_ms: r.measured_at_ms / 1000 * 1000,
+                    })
+                })
+                .collect();
+            let body = Body::Capacity(pb::Capacity { service: key.clone(), loads });
             (key.clone(), Arc::new(Resource::with_content_version(key.clone(), body)))
         })
         .collect();
@@ -222,5 +256,29 @@ mod tests {
         assert!(Arc::ptr_eq(&next.by_type[type_url::SERVICE], &a.by_type[type_url::SERVICE]), "unchanged type reused");
         assert!(!next.changes.contains_key(type_url::SERVICE));
         assert_eq!(*next.changes[type_url::ENDPOINTS], Changes { since: 1, names: vec!["default/a".to_string()] });
+    }
+
+    #[test]
+    fn fresh_reports_become_loads_and_stale_ones_are_left_out() {
+        let text = "services:\n- name: a\n  ports: [{port: 80}]\n  endpoints:\n  - {address: 10.0.0.1, name: a-1, capacity: {cpu: \"2\", memory: 1Gi}}\n  - {address: 10.0.0.2, name: a-2, capacity: {cpu: \"2\", memory: 1Gi}}\n";
+        let m = mesh_file::parse(Path::new("m.yaml"), text.as_bytes()).expect("valid");
+        let mut reports = Reports::new();
+        reports.insert(
+            pod_key("default", "a-1"),
+            crate::model::LoadReport { in_flight: [1501, 0, 0], measured_at_ms: 10_400 },
+        );
+        reports.insert(
+            pod_key("default", "a-2"),
+            crate::model::LoadReport { in_flight: [9, 0, 0], measured_at_ms: 7_000 },
+        );
+        let cap = capacity(&m, &reports, 10_500);
+        let Some(Body::Capacity(c)) = &cap[type_url::CAPACITY]["default/a"].body else { panic!("capacity body") };
+        assert_eq!(c.loads.len(), 1, "a-2's report is 3.5 s old: unknown");
+        assert_eq!((c.loads[0].address.as_str(), c.loads[0].cpu_ppm), ("10.0.0.1", 750_000));
+        assert_eq!(c.loads[0].reported_at_ms, 10_000);
+        // The same load measured again within the second: the same version, nothing to push.
+        reports.get_mut("default/a-1").expect("a-1").measured_at_ms = 10_900;
+        let again = capacity(&m, &reports, 10_950);
+        assert_eq!(again[type_url::CAPACITY]["default/a"].version, cap[type_url::CAPACITY]["default/a"].version);
     }
 }

@@ -1,8 +1,10 @@
-//! Watch: discovery sources. Each source turns the world (a mesh file today, the
-//! Kubernetes API later) into a whole [`MeshState`] and sends it on. Sources must not
+//! Watch: discovery sources. Each source turns the world (a mesh file, or the
+//! Kubernetes API) into a whole [`MeshState`] and sends it on. Sources must not
 //! translate, version or push anything: that is the index's and serve's job.
 
 pub mod file;
+pub mod kube;
+pub mod kube_translate;
 pub mod mesh_file;
 
 use crate::model::MeshState;
@@ -21,12 +23,14 @@ pub enum SourceEvent {
 #[derive(Debug)]
 pub enum Source {
     File(file::FileSource),
+    Kubernetes(self::kube::KubeSource),
 }
 
 impl Source {
     pub fn describe(&self) -> String {
         match self {
             Source::File(f) => format!("mesh file {}", f.path().display()),
+            Source::Kubernetes(_) => "kubernetes API".to_string(),
         }
     }
 
@@ -34,6 +38,7 @@ impl Source {
     pub async fn run(self, events: tokio::sync::mpsc::Sender<SourceEvent>) {
         match self {
             Source::File(f) => f.run(events).await,
+            Source::Kubernetes(k) => k.run(events).await,
         }
     }
 }

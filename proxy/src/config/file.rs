@@ -36,7 +36,8 @@ pub async fn run(path: PathBuf, applier: Applier, status: Arc<ArcSwap<StreamStat
             tracing::error!(%service, "config: {why}; keeping its last good routes");
         }
         let mut types = translate::config(&mesh, &resolved.routes);
-        types.extend(translate::capacity(&mesh));
+        // No proxy reports load in file mode: every endpoint's load is unknown.
+        types.extend(translate::capacity(&mesh, &Default::default(), 0));
         let mut updates = Vec::new();
         for (type_url, wanted) in types {
             let held = current.resources(type_url);

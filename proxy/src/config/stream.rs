@@ -4,7 +4,9 @@
 //! it with an ACK or a NACK carrying the applier's reasons. On any failure it
 //! reconnects with exponential backoff and jitter and resumes with the versions it
 //! holds, so unchanged resources are not sent again. While the control plane is away
-//! the last good snapshot keeps serving. It must not validate or publish by itself.
+//! the last good snapshot keeps serving. Given several control-plane addresses, each
+//! reconnect tries the next. It also carries the pod's load reports (out of band) to
+//! the control plane. It must not validate or publish by itself.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
-    /// "host:port" or "http://host:port".
+    /// "host:port" or "http://host:port"; several, comma-separated, are tried in turn.
     pub control_plane: String,
     pub node: Node,
     pub backoff_min: Duration,
@@ -36,6 +38,7 @@ pub struct StreamSettings {
 /// The stream's state, for `/config_dump`. Written only by the stream task.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StreamStatus {
+    /// The address of the current (or last) stream.
     pub control_plane: String,
     /// "connecting", "connected", "disconnected" or "local" (file mode).
     pub state: String,
@@ -85,20 +88,33 @@ fn endpoint_uri(addr: &str) -> String {
     if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
 }
 
-/// Runs forever: connect, stream, and on failure wait and reconnect.
+/// The addresses in a `control_plane` setting, in order.
+pub fn addresses(control_plane: &str) -> Vec<String> {
+    control_plane.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect()
+}
+
+/// Runs forever: connect, stream, and on failure wait and reconnect (to the next
+/// control-plane address, when there are several).
 pub async fn run(
     settings: StreamSettings,
     applier: Applier,
     status: Arc<ArcSwap<StreamStatus>>,
     metrics: Arc<Metrics>,
+    mut reports: Option<crate::LoadReports>,
 ) {
     let mut attempt = 0u32;
     let writer = StatusWriter { status };
-    writer.update(|s| s.control_plane = settings.control_plane.clone());
+    let addrs = addresses(&settings.control_plane);
+    let mut which = 0usize;
     loop {
-        writer.update(|s| s.state = "connecting".into());
+        let addr = addrs.get(which % addrs.len().max(1)).cloned().unwrap_or_default();
+        which = which.wrapping_add(1);
+        writer.update(|s| {
+            s.state = "connecting".into();
+            s.control_plane.clone_from(&addr);
+        });
         let mut got_response = false;
-        let result = session(&settings, &applier, &writer, &metrics, &mut got_response).await;
+        let result = session(&settings, &addr, &applier, &writer, &metrics, &mut got_response, reports.as_mut()).await;
         metrics.stream_connected.set(0);
         let why = match result {
             Ok(()) => SessionError::Closed.to_string(),
@@ -133,22 +149,22 @@ impl StatusWriter {
 
 async fn session(
     settings: &StreamSettings,
+    addr: &str,
     applier: &Applier,
     writer: &StatusWriter,
     metrics: &Metrics,
     got_response: &mut bool,
+    mut reports: Option<&mut crate::LoadReports>,
 ) -> Result<(), SessionError> {
-    let uri = endpoint_uri(&settings.control_plane);
+    let uri = endpoint_uri(addr);
     let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
-        .map_err(|_| SessionError::Address(settings.control_plane.clone()))?
+        .map_err(|_| SessionError::Address(addr.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| SessionError::Connect { addr: settings.control_plane.clone(), source })?;
+    let channel =
+        endpoint.connect().await.map_err(|source| SessionError::Connect { addr: addr.to_string(), source })?;
     let mut client = DiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
 
     let (tx, rx) = mpsc::channel(16);
@@ -172,16 +188,45 @@ async fn session(
     });
     metrics.stream_connected.set(1);
     metrics.stream_connects.inc();
-    tracing::info!(control_plane = %settings.control_plane, "config: discovery stream open");
+    tracing::info!(control_plane = %addr, "config: discovery stream open");
 
-    while let Some(resp) = inbound.message().await.map_err(SessionError::Stream)? {
-        *got_response = true;
-        let answer = handle(resp, applier, writer, metrics);
+    // The newest report goes out on a new stream too: the control plane may be another
+    // replica that has not heard from this pod yet.
+    if let Some(r) = reports.as_deref_mut() {
+        r.mark_changed();
+    }
+    loop {
+        let answer = tokio::select! {
+            msg = inbound.message() => match msg.map_err(SessionError::Stream)? {
+                Some(resp) => {
+                    *got_response = true;
+                    handle(resp, applier, writer, metrics)
+                }
+                None => return Ok(()),
+            },
+            Some(report) = next_report(reports.as_deref_mut()) => {
+                metrics.load_reports_sent.inc();
+                DiscoveryRequest { load_report: Some(report), ..Default::default() }
+            }
+        };
         if tx.send(answer).await.is_err() {
             return Err(SessionError::Closed);
         }
     }
-    Ok(())
+}
+
+/// The next load report to send; pending forever when there are none to send.
+async fn next_report(reports: Option<&mut crate::LoadReports>) -> Option<neutrino_proto::LoadReport> {
+    let Some(rx) = reports else { return std::future::pending().await };
+    loop {
+        if rx.changed().await.is_err() {
+            // The sampler is gone (shutting down): nothing more to report.
+            return std::future::pending().await;
+        }
+        if let Some(r) = *rx.borrow_and_update() {
+            return Some(r);
+        }
+    }
 }
 
 /// Applies one response and builds its ACK or NACK.
@@ -245,6 +290,12 @@ mod tests {
         assert_eq!(backoff(3, min, max, 1.0), 800 * MS);
         assert_eq!(backoff(10, min, max, 1.0), max);
         assert_eq!(backoff(u32::MAX, min, max, 0.0), max / 2);
+    }
+
+    #[test]
+    fn several_control_planes_are_listed_in_order() {
+        assert_eq!(addresses("a:1, b:2,,"), vec!["a:1".to_string(), "b:2".to_string()]);
+        assert_eq!(addresses("a:1"), vec!["a:1".to_string()]);
     }
 
     #[test]

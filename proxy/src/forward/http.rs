@@ -23,6 +23,7 @@ use super::body::{Held, ProxyBody, local};
 use super::upstream::{self, Failure};
 use crate::route::{PortEntry, ServiceEntry, strip_port};
 use crate::select::endpoints::{FAST_FAILURE, InFlight, now_ms};
+use crate::telemetry::trace::HopSpan;
 
 /// What the accepting side knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -116,17 +117,40 @@ async fn to_service(
     shared: &Shared,
     conn: &ConnInfo,
     svc: Arc<ServiceEntry>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    // The request's CLIENT span, when tracing is on: ended at the response head.
+    let mut span = None;
+    let resp = forward_to_service(shared, conn, svc, req, &mut span).await;
+    if let Some(s) = span {
+        s.end(resp.status(), resp.headers().get(REASON));
+    }
+    resp
+}
+
+async fn forward_to_service(
+    shared: &Shared,
+    conn: &ConnInfo,
+    svc: Arc<ServiceEntry>,
     mut req: Request<Incoming>,
+    span: &mut Option<HopSpan>,
 ) -> Response<ProxyBody> {
     let Some(port) = service_port(&svc, conn, authority(&req)) else {
         return answer(StatusCode::BAD_GATEWAY, &format!("service {} has no such port", svc.key));
     };
+    let started = std::time::Instant::now();
     let op = svc.routes.lookup(req.method(), req.uri().path());
     let cost = op.cost.as_array();
+    if let Some(t) = &shared.tracing {
+        *span = Some(t.client_span(&req, authority(&req), &svc, op, port.port));
+    }
     // What the request log will say; only gathered when there is a log.
     let mut log = shared.request_log.as_ref().map(|_| Outcome {
         started: std::time::Instant::now(),
-        trace_id: crate::telemetry::trace_id(req.headers().get("traceparent")).to_string(),
+        trace_id: match span {
+            Some(s) => s.ids().0,
+            None => crate::telemetry::trace_id(req.headers().get("traceparent")).to_string(),
+        },
         ..Outcome::default()
     });
     let timeout = op.timeout.unwrap_or(shared.settings.request_timeout);
@@ -147,12 +171,18 @@ async fn to_service(
     let mut attempt: u32 = 0;
     loop {
         attempt += 1;
-        let choice = match wait_for_room(shared, &svc, &cost, avoid, &op.operation_id).await {
-            Ok(c) => c,
-            Err(refusal) => return logged(shared, &svc, op, log, refusal),
+        let choice = match wait_for_room(shared, &svc, &cost, avoid, op).await {
+            Ok(c) => {
+                op.stats.chose(c.reason);
+                c
+            }
+            Err(refusal) => return logged(shared, &svc, op, started, log, refusal),
         };
         let endpoint = &svc.endpoints.endpoints[choice.index];
         let target = svc.target(endpoint, &port).to_string();
+        if let Some(s) = span.as_mut() {
+            s.chose(endpoint, svc.target(endpoint, &port), &choice, attempt);
+        }
         if let Some(l) = log.as_mut() {
             l.endpoint.clone_from(&target);
             l.endpoint_pod = Some(Arc::clone(&endpoint.pod));
@@ -162,10 +192,13 @@ async fn to_service(
         let hold = InFlight::new(Arc::clone(&endpoint.load), cost);
         let mut head = match upstream::prepare(&parts, &target, h2, upgrading) {
             Ok(h) => h,
-            Err(f) => return logged(shared, &svc, op, log, failure_answer(f)),
+            Err(f) => return logged(shared, &svc, op, started, log, failure_answer(f)),
         };
         // The endpoint's proxy counts it against the pod (and strips it).
         head.headers.insert(super::inbound::COST, super::inbound::format_cost(&cost));
+        if let Some(s) = span.as_ref() {
+            s.inject(&mut head.headers);
+        }
         let upstream_body = match body.take() {
             Some(b) => Either::Left(b),
             None => Either::Right(Empty::new()),
@@ -203,12 +236,19 @@ async fn to_service(
                     upstream::splice_upgrade(down, &mut resp, hold);
                     let (mut parts, _) = resp.into_parts();
                     upstream::strip_hop_by_hop(&mut parts.headers, true);
-                    return logged(shared, &svc, op, log, Response::from_parts(parts, local(bytes::Bytes::new())));
+                    return logged(
+                        shared,
+                        &svc,
+                        op,
+                        started,
+                        log,
+                        Response::from_parts(parts, local(bytes::Bytes::new())),
+                    );
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 upstream::strip_hop_by_hop(&mut rparts.headers, false);
                 let resp = Response::from_parts(rparts, Either::Left(Held::new(rbody, Some(hold))));
-                return logged(shared, &svc, op, log, resp);
+                return logged(shared, &svc, op, started, log, resp);
             }
             Err(f) => {
                 if fast {
@@ -225,7 +265,7 @@ async fn to_service(
                     avoid = Some(choice.index);
                     continue;
                 }
-                return logged(shared, &svc, op, log, failure_answer(f));
+                return logged(shared, &svc, op, started, log, failure_answer(f));
             }
         }
     }
@@ -269,14 +309,17 @@ impl Default for Outcome {
     }
 }
 
-/// Hands the request's record to the request log (if any) and returns `resp`.
+/// Counts the request on its operation, hands its record to the request log (if any)
+/// and returns `resp`.
 fn logged(
     shared: &Shared,
     svc: &ServiceEntry,
     op: &crate::route::Operation,
+    started: std::time::Instant,
     outcome: Option<Outcome>,
     resp: Response<ProxyBody>,
 ) -> Response<ProxyBody> {
+    op.stats.outbound.record(Some(resp.status().as_u16()), started.elapsed());
     if let (Some(log), Some(o)) = (&shared.request_log, outcome) {
         let reason = match resp.headers().get(REASON).and_then(|v| v.to_str().ok()) {
             Some(refused) if o.reason.is_empty() => refused.to_string(),
@@ -309,9 +352,11 @@ async fn wait_for_room(
     svc: &ServiceEntry,
     cost: &[u64; 3],
     avoid: Option<usize>,
-    operation: &str,
+    op: &crate::route::Operation,
 ) -> Result<crate::select::Choice, Response<ProxyBody>> {
+    let operation = &*op.operation_id;
     let deadline = tokio::time::Instant::now() + shared.settings.queue_timeout;
+    let mut queued = false;
     loop {
         match svc.endpoints.pick(cost, avoid) {
             Ok(c) => return Ok(c),
@@ -331,6 +376,7 @@ async fn wait_for_room(
                     ),
                 };
                 shared.metrics.data.no_capacity.inc();
+                op.stats.shed();
                 let mut r = answer(StatusCode::SERVICE_UNAVAILABLE, &why);
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return Err(r);
@@ -339,6 +385,10 @@ async fn wait_for_room(
             // pushed load report can free room too, without a release: look again at
             // least every 50 ms.
             Err(_) => {
+                if !queued {
+                    queued = true;
+                    op.stats.queued();
+                }
                 let slice = (tokio::time::Instant::now() + Duration::from_millis(50)).min(deadline);
                 crate::select::endpoints::released_or(slice).await;
             }

@@ -52,7 +52,7 @@ impl PodLoad {
         Held { load: self, cost }
     }
 
-    fn in_flight(&self) -> [u64; DIMS] {
+    pub fn in_flight(&self) -> [u64; DIMS] {
         std::array::from_fn(|d| self.in_flight[d].load(Ordering::Relaxed))
     }
 }
@@ -87,19 +87,56 @@ pub fn parse_load(v: &HeaderValue) -> Option<[u64; DIMS]> {
 }
 
 /// Handles one request for this pod: forwards it to the app at `app`.
-pub async fn handle(shared: Arc<Shared>, app: SocketAddr, mut req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(shared: Arc<Shared>, app: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    // The request's SERVER span, when tracing is on: ended at the response head.
+    let mut span = None;
+    let resp = to_app(&shared, app, req, &mut span).await;
+    if let Some(s) = span {
+        s.end(resp.status(), resp.headers().get(super::http::REASON));
+    }
+    resp
+}
+
+async fn to_app(
+    shared: &Shared,
+    app: SocketAddr,
+    mut req: Request<Incoming>,
+    span: &mut Option<crate::telemetry::trace::HopSpan>,
+) -> Response<ProxyBody> {
     let upgrading = req.version() != Version::HTTP_2 && upstream::is_upgrade(&req);
     let downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     // Reported by mesh callers only; a load header from outside means nothing here.
     parts.headers.remove(&LOAD);
     let cost = parts.headers.remove(&COST).as_ref().and_then(parse_cost).unwrap_or([0; DIMS]);
+    let started = std::time::Instant::now();
+    // Counted on the operation of the service this pod serves, when config says which.
+    let stats = shared
+        .mesh
+        .load()
+        .service_of_pod(&shared.settings.pod)
+        .map(|svc| Arc::clone(&svc.routes.lookup(&parts.method, parts.uri.path()).stats));
+    let count = |status: Option<u16>| {
+        if let Some(s) = &stats {
+            s.inbound.record(status, started.elapsed());
+        }
+    };
+    if let Some(t) = &shared.tracing {
+        let mesh = shared.mesh.load();
+        let route =
+            mesh.service_of_pod(&shared.settings.pod).map(|s| (&**s, s.routes.lookup(&parts.method, parts.uri.path())));
+        *span = Some(t.server_span(&parts.method, parts.uri.path(), &parts.headers, route, &shared.settings.pod));
+    }
     let held = shared.pod_load.hold(cost);
     let h2 = parts.version == Version::HTTP_2;
-    let head = match upstream::prepare(&parts, &app.to_string(), h2, upgrading) {
+    let mut head = match upstream::prepare(&parts, &app.to_string(), h2, upgrading) {
         Ok(h) => h,
         Err(f) => return super::http::failure_answer(f),
     };
+    // The app's own spans are children of this hop's.
+    if let Some(s) = span.as_ref() {
+        s.inject(&mut head.headers);
+    }
     let result = upstream::send(&shared.upstreams, h2, head, Either::Left(body), shared.settings.request_timeout).await;
     // The load others put on the pod, now that this request's head is answered.
     drop(held);
@@ -109,19 +146,25 @@ pub async fn handle(shared: Arc<Shared>, app: SocketAddr, mut req: Request<Incom
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
                 && let Some(down) = downstream_upgrade
             {
+                count(Some(101));
                 upstream::splice_upgrade(down, &mut resp, ());
                 let (mut p, _) = resp.into_parts();
                 upstream::strip_hop_by_hop(&mut p.headers, true);
                 return Response::from_parts(p, super::body::local(bytes::Bytes::new()));
             }
             let (mut p, b) = resp.into_parts();
+            count(Some(p.status.as_u16()));
             upstream::strip_hop_by_hop(&mut p.headers, false);
             if let Some(cap) = capacity {
                 p.headers.insert(LOAD, format_load(&shared.pod_load.in_flight(), &cap));
             }
             Response::from_parts(p, Either::Left(super::body::Held::new(b, None)))
         }
-        Err(f) => super::http::failure_answer(f),
+        Err(f) => {
+            let answer = super::http::failure_answer(f);
+            count(Some(answer.status().as_u16()));
+            answer
+        }
     }
 }
 

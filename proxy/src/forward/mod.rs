@@ -102,7 +102,9 @@ pub struct Shared {
     pub retry_budget: retry::RetryBudget,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The cost in flight on this pod from all callers (inbound).
-    pub pod_load: inbound::PodLoad,
+    pub pod_load: Arc<inbound::PodLoad>,
     /// One record per request to a Redis Stream, when configured.
     pub request_log: Option<crate::telemetry::request_log::RequestLog>,
+    /// Spans per request, when tracing is on (`telemetry::trace`).
+    pub tracing: Option<Arc<crate::telemetry::trace::Tracing>>,
 }

@@ -16,6 +16,7 @@ use neutrino_proto::{self as pb, resource::Body, type_url};
 
 use crate::config::Snapshot;
 use crate::select::endpoints::{Endpoint, EndpointLoad, EndpointSet};
+use crate::telemetry::stats::RouteStats;
 pub use table::{Cost, Operation, RouteTable};
 
 /// One service, ready for the data path.
@@ -60,6 +61,12 @@ pub struct Mesh {
     loads: HashMap<(Arc<str>, SocketAddr), Arc<EndpointLoad>>,
     /// Capacity by pod name, so a proxy finds its own pod's capacity.
     pods: HashMap<Arc<str>, [u64; 3]>,
+    /// The services a pod is an endpoint of (indexes into `services`), for inbound.
+    pod_services: HashMap<Arc<str>, Vec<u32>>,
+    /// Operation counters by (service, operation id), carried across snapshots.
+    stats: HashMap<(Arc<str>, Arc<str>), Arc<RouteStats>>,
+    /// Compiled from a ready snapshot (or after one): the data path knows the mesh.
+    ready: bool,
 }
 
 impl Mesh {
@@ -91,6 +98,16 @@ impl Mesh {
         self.pods.get(pod).copied()
     }
 
+    /// The first service `pod` is an endpoint of: where its inbound requests count.
+    pub fn service_of_pod(&self, pod: &str) -> Option<&Arc<ServiceEntry>> {
+        self.pod_services.get(pod).and_then(|v| v.first()).map(|&i| &self.services[i as usize])
+    }
+
+    /// True once compiled from a ready config snapshot; stays true after.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
     pub fn services(&self) -> &[Arc<ServiceEntry>] {
         &self.services
     }
@@ -98,7 +115,7 @@ impl Mesh {
     /// Compiles `snapshot`, reusing entries of `previous` whose versions are unchanged
     /// and keeping every surviving endpoint's load counters.
     pub fn compile(snapshot: &Snapshot, previous: &Mesh) -> Mesh {
-        let mut mesh = Mesh::default();
+        let mut mesh = Mesh { ready: previous.ready || snapshot.is_ready(), ..Mesh::default() };
         let reuse: HashMap<&str, &Arc<ServiceEntry>> = previous.services.iter().map(|s| (&*s.key, s)).collect();
         let empty = Default::default();
         let services = snapshot.resources(type_url::SERVICE).unwrap_or(&empty);
@@ -140,7 +157,14 @@ impl Mesh {
                 mesh.loads.insert((Arc::clone(&entry.key), e.addr), Arc::clone(&e.load));
                 if !e.pod.is_empty() {
                     mesh.pods.insert(Arc::clone(&e.pod), e.capacity);
+                    let of_pod = mesh.pod_services.entry(Arc::clone(&e.pod)).or_default();
+                    if !of_pod.contains(&idx) {
+                        of_pod.push(idx);
+                    }
                 }
+            }
+            for op in entry.routes.operations() {
+                mesh.stats.insert((Arc::clone(&entry.key), Arc::clone(&op.operation_id)), Arc::clone(&op.stats));
             }
             mesh.services.push(entry);
         }
@@ -155,10 +179,8 @@ impl Mesh {
 fn apply_reports(entry: &ServiceEntry, report: Option<&pb::Capacity>) {
     let Some(report) = report.filter(|r| !r.loads.is_empty()) else { return };
     let now = crate::select::endpoints::now_ms();
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let wall =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     for e in &entry.endpoints.endpoints {
         let found = report
             .loads
@@ -224,11 +246,13 @@ fn compile_service(
                 .collect()
         })
         .unwrap_or_default();
+    let mut routes = RouteTable::compile(&svc.routes, default_cost);
+    routes.attach_stats(|op| previous.stats.get(&(Arc::clone(&key), Arc::from(op))).cloned().unwrap_or_default());
     ServiceEntry {
         namespace: Arc::from(svc.namespace.as_str()),
         key,
         ports,
-        routes: RouteTable::compile(&svc.routes, default_cost),
+        routes,
         endpoints: EndpointSet::new(endpoints),
         service_version: version.to_string(),
         endpoints_version: eps_version.to_string(),

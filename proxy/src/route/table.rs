@@ -12,6 +12,8 @@ use std::time::Duration;
 use http::Method;
 use neutrino_proto as pb;
 
+use crate::telemetry::stats::RouteStats;
+
 /// What a request costs, in the units of the capacity vector.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cost {
@@ -33,7 +35,7 @@ impl From<pb::ResourceVector> for Cost {
 }
 
 /// One operation, ready for the data path.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Operation {
     pub operation_id: Arc<str>,
     pub path_template: Arc<str>,
@@ -41,6 +43,20 @@ pub struct Operation {
     /// None: the proxy's default request timeout.
     pub timeout: Option<Duration>,
     pub retryable: bool,
+    /// Its counters, shared by every route with this operation id and kept across
+    /// config snapshots (see `RouteTable::attach_stats`).
+    pub stats: Arc<RouteStats>,
+}
+
+/// Operations are equal when they route alike; their counters do not matter.
+impl PartialEq for Operation {
+    fn eq(&self, other: &Self) -> bool {
+        self.operation_id == other.operation_id
+            && self.path_template == other.path_template
+            && self.cost == other.cost
+            && self.timeout == other.timeout
+            && self.retryable == other.retryable
+    }
 }
 
 /// A segment of a path template.
@@ -113,6 +129,7 @@ impl RouteTable {
             cost: default_cost,
             timeout: None,
             retryable: false,
+            stats: Arc::default(),
         };
         let mut t = RouteTable { nodes: vec![Node::default()], ops: Vec::new(), default };
         for r in routes {
@@ -123,6 +140,7 @@ impl RouteTable {
                 cost: r.cost.map(Cost::from).unwrap_or(default_cost),
                 timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
                 retryable: r.retryable,
+                stats: Arc::default(),
             });
             let mut node = 0usize;
             for seg in segments(&r.path_template) {
@@ -175,6 +193,28 @@ impl RouteTable {
 
     pub fn default_op(&self) -> &Operation {
         &self.default
+    }
+
+    /// Gives every operation its counters: `stats_for(operation id)` (the default
+    /// route's id is ""). Routes sharing an id share counters.
+    pub fn attach_stats(&mut self, mut stats_for: impl FnMut(&str) -> Arc<RouteStats>) {
+        let mut given: Vec<(Arc<str>, Arc<RouteStats>)> = Vec::new();
+        for op in self.ops.iter_mut().chain(std::iter::once(&mut self.default)) {
+            let stats = match given.iter().find(|(id, _)| *id == op.operation_id) {
+                Some((_, s)) => Arc::clone(s),
+                None => {
+                    let s = stats_for(&op.operation_id);
+                    given.push((Arc::clone(&op.operation_id), Arc::clone(&s)));
+                    s
+                }
+            };
+            op.stats = stats;
+        }
+    }
+
+    /// Every operation, the default route last.
+    pub fn operations(&self) -> impl Iterator<Item = &Operation> {
+        self.ops.iter().chain(std::iter::once(&self.default))
     }
 
     pub fn len(&self) -> usize {

@@ -1,8 +1,13 @@
-//! Telemetry: what each request leaves behind once it is answered. Today the request
-//! log (a Redis Stream); traces and labelled metrics come with the observability work.
-//! Nothing here may slow or fail a request: every sink is fed without waiting.
+//! Telemetry: what each request leaves behind once it is answered (the request log, a
+//! Redis Stream), and the pod's load reported to the control plane. Traces and
+//! labelled metrics come with the observability work. Nothing here may slow or fail a
+//! request: every sink is fed without waiting.
 
+pub mod load_report;
 pub mod request_log;
+pub mod route_metrics;
+pub mod stats;
+pub mod trace;
 
 /// The trace id of a W3C `traceparent` header ("00-<trace id>-<span id>-<flags>"), if
 /// it is well formed.

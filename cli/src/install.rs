@@ -1,0 +1,387 @@
+//! `neutrino install` (issue 6, item 4): prints the mesh's manifests as one multi-document
+//! YAML stream, for `neutrino install | kubectl apply -f -`.
+//!
+//! The manifests are the files of `deploy/`, embedded verbatim, so `kubectl kustomize
+//! deploy/...` and this command render the same objects. The rendering is small and
+//! pure ([`render`]), and does only what kustomize cannot do offline or what the flags ask:
+//!
+//! 1. `deploy/base` in its kustomization's order;
+//! 2. TLS for the injector: either a Secret `neutrino-injector-tls` with a serving
+//!    certificate generated here ([`generate_tls`]) and its CA written into the
+//!    webhook's `caBundle`, or (`--cert-manager`) the files of `deploy/cert-manager`;
+//! 3. `--demo`: the files of `deploy/demo` and its JSON patch (the control plane's
+//!    `--redis-url`); `--redis-url` alone adds that argument without the demo;
+//! 4. images: `--image-registry` and `--tag` rewrite every `neutrino/*` image and the
+//!    injector's `--proxy-image`.
+//!
+//! The namespace is fixed (`neutrino-system`: the injector, the proxies and the webhook
+//! all name it). This module must not talk to a cluster, and only [`generate_tls`]
+//! reads the clock.
+
+use base64::Engine as _;
+use neutrino_injector::manifest::{self, ManifestError};
+use serde_json::{Value as Json, json};
+use serde_yaml_ng::Value as Yaml;
+use thiserror::Error;
+
+/// The tag of the `neutrino/*` images in `deploy/` (a test keeps them equal).
+pub const DEFAULT_TAG: &str = env!("CARGO_PKG_VERSION");
+/// The registry (repository prefix) of the images in `deploy/`.
+pub const DEFAULT_REGISTRY: &str = "neutrino";
+pub const NAMESPACE: &str = "neutrino-system";
+pub const WEBHOOK_CONFIG: &str = "neutrino-sidecar-injector";
+pub const INJECTOR_SERVICE: &str = "neutrino-injector";
+pub const INJECTOR_TLS_SECRET: &str = "neutrino-injector-tls";
+pub const CONTROL_PLANE: &str = "neutrino-control-plane";
+/// What the generated serving certificate is valid for (the webhook's Service).
+pub const INJECTOR_DNS_NAMES: [&str; 2] =
+    ["neutrino-injector.neutrino-system.svc", "neutrino-injector.neutrino-system.svc.cluster.local"];
+/// Lifetime of the generated CA and serving certificate; `neutrino check` warns 30 days
+/// before the end, and running `neutrino install | kubectl apply -f -` again renews both.
+pub const TLS_VALIDITY_DAYS: i64 = 3650;
+
+/// A file of `deploy/`: its path (for messages) and content.
+type File = (&'static str, &'static str);
+
+macro_rules! deploy {
+    ($path:literal) => {
+        ($path, include_str!(concat!("../../deploy/", $path)))
+    };
+}
+
+/// `deploy/base/kustomization.yaml`'s resources, in its order.
+const BASE: [File; 5] = [
+    deploy!("base/namespace.yaml"),
+    deploy!("base/rbac.yaml"),
+    deploy!("base/control-plane.yaml"),
+    deploy!("base/injector.yaml"),
+    deploy!("base/webhook.yaml"),
+];
+const CERT_MANAGER: [File; 1] = [deploy!("cert-manager/certificates.yaml")];
+/// A merge patch on the webhook configuration (`deploy/cert-manager/kustomization.yaml`).
+const CERT_MANAGER_PATCH: File = deploy!("cert-manager/webhook-ca.yaml");
+const DEMO: [File; 3] = [deploy!("demo/redis.yaml"), deploy!("demo/jaeger.yaml"), deploy!("demo/sample-app.yaml")];
+/// A JSON patch on the control plane's Deployment (`deploy/demo/kustomization.yaml`).
+const DEMO_PATCH: File = deploy!("demo/control-plane-redis.yaml");
+
+#[derive(Debug, Error)]
+pub enum InstallError {
+    #[error("reading the embedded {file}: {source}")]
+    Embedded { file: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("applying {file}: {reason}")]
+    Patch { file: &'static str, reason: String },
+    #[error("no TLS material for the injector: pass --cert-manager, or let `neutrino install` generate it")]
+    NoTls,
+    #[error("--{flag} {value:?} {reason}")]
+    Flag { flag: &'static str, value: String, reason: &'static str },
+    #[error("generating the injector's certificate: {0}")]
+    Generate(String),
+    #[error("writing the manifests: {0}")]
+    Write(#[from] ManifestError),
+}
+
+/// What to render.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    pub demo: bool,
+    pub cert_manager: bool,
+    pub image_registry: Option<String>,
+    pub tag: Option<String>,
+    pub redis_url: Option<String>,
+}
+
+/// The injector's TLS material when cert-manager is not used (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// The CA certificate: the webhook's caBundle.
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+type Doc = (Yaml, Json);
+
+fn read(file: File) -> Result<Vec<Doc>, InstallError> {
+    manifest::read_documents(file.1).map_err(|e| InstallError::Embedded { file: file.0, source: Box::new(e) })
+}
+
+fn find<'a>(docs: &'a mut [Doc], kind: &str, name: &str) -> Option<&'a mut Json> {
+    docs.iter_mut().map(|(_, j)| j).find(|j| j["kind"] == kind && j["metadata"]["name"] == name)
+}
+
+/// Renders the manifests; `tls` is required unless `opts.cert_manager`.
+pub fn render(opts: &Options, tls: Option<&Tls>) -> Result<String, InstallError> {
+    for (flag, value) in [("image-registry", &opts.image_registry), ("tag", &opts.tag), ("redis-url", &opts.redis_url)]
+    {
+        if let Some(v) = value
+            && (v.trim().is_empty() || v.chars().any(char::is_whitespace))
+        {
+            return Err(InstallError::Flag { flag, value: v.clone(), reason: "must be non-empty, without spaces" });
+        }
+    }
+    let mut docs = Vec::new();
+    for file in BASE {
+        docs.extend(read(file)?);
+    }
+    if opts.cert_manager {
+        for file in CERT_MANAGER {
+            docs.extend(read(file)?);
+        }
+        let patch = read(CERT_MANAGER_PATCH)?.pop().map(|(_, j)| j).unwrap_or_default();
+        let webhook = find(&mut docs, "MutatingWebhookConfiguration", WEBHOOK_CONFIG)
+            .ok_or(InstallError::Patch { file: CERT_MANAGER_PATCH.0, reason: "no webhook configuration".into() })?;
+        json_patch::merge(webhook, &patch);
+    } else {
+        let tls = tls.ok_or(InstallError::NoTls)?;
+        add_tls(&mut docs, tls)?;
+    }
+    if opts.demo {
+        for file in DEMO {
+            docs.extend(read(file)?);
+        }
+    }
+    redis_url(&mut docs, opts)?;
+    images(&mut docs, opts.image_registry.as_deref().unwrap_or(DEFAULT_REGISTRY), opts.tag.as_deref());
+    let mut out = format!(
+        "# Neutrino {DEFAULT_TAG}, rendered by `neutrino install{}`: apply with kubectl apply -f -\n",
+        flags(opts)
+    );
+    out.push_str(&manifest::write_documents(&docs)?);
+    Ok(out)
+}
+
+fn flags(opts: &Options) -> String {
+    let mut s = String::new();
+    for (on, flag) in [(opts.demo, " --demo"), (opts.cert_manager, " --cert-manager")] {
+        if on {
+            s.push_str(flag);
+        }
+    }
+    for (flag, value) in [("image-registry", &opts.image_registry), ("tag", &opts.tag), ("redis-url", &opts.redis_url)]
+    {
+        if let Some(v) = value {
+            s.push_str(&format!(" --{flag} {v}"));
+        }
+    }
+    s
+}
+
+/// The Secret the injector mounts, before its Deployment; the CA into every webhook.
+fn add_tls(docs: &mut Vec<Doc>, tls: &Tls) -> Result<(), InstallError> {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": INJECTOR_TLS_SECRET,
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/name": "neutrino-injector", "app.kubernetes.io/part-of": "neutrino"},
+        },
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": b64(&tls.cert_pem), "tls.key": b64(&tls.key_pem), "ca.crt": b64(&tls.ca_pem)},
+    });
+    let at = docs.iter().position(|(_, j)| j["kind"] == "Deployment" && j["metadata"]["name"] == INJECTOR_SERVICE);
+    docs.insert(at.unwrap_or(docs.len()), (Yaml::Null, secret));
+    let file = "deploy/base/webhook.yaml";
+    let webhook = find(docs, "MutatingWebhookConfiguration", WEBHOOK_CONFIG)
+        .ok_or(InstallError::Patch { file, reason: "no webhook configuration".into() })?;
+    let hooks = webhook["webhooks"].as_array_mut().ok_or(InstallError::Patch { file, reason: "no webhooks".into() })?;
+    for hook in hooks {
+        hook["clientConfig"]["caBundle"] = json!(b64(&tls.ca_pem));
+    }
+    Ok(())
+}
+
+/// The demo's JSON patch (with `--redis-url`'s value, when given), or `--redis-url` alone.
+fn redis_url(docs: &mut [Doc], opts: &Options) -> Result<(), InstallError> {
+    let mut ops = match (opts.demo, &opts.redis_url) {
+        (false, None) => return Ok(()),
+        (true, _) => serde_yaml_ng::from_str::<Json>(DEMO_PATCH.1)
+            .map_err(|e| InstallError::Embedded { file: DEMO_PATCH.0, source: Box::new(e) })?,
+        (false, Some(_)) => json!([{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": ""}]),
+    };
+    if let (Some(url), Some(op)) = (&opts.redis_url, ops.get_mut(0)) {
+        op["value"] = json!(format!("--redis-url={url}"));
+    }
+    let patch: json_patch::Patch =
+        serde_json::from_value(ops).map_err(|e| InstallError::Patch { file: DEMO_PATCH.0, reason: e.to_string() })?;
+    let deployment = find(docs, "Deployment", CONTROL_PLANE)
+        .ok_or(InstallError::Patch { file: DEMO_PATCH.0, reason: "no control-plane Deployment".into() })?;
+    json_patch::patch(deployment, &patch).map_err(|e| InstallError::Patch { file: DEMO_PATCH.0, reason: e.to_string() })
+}
+
+/// `neutrino/<name>:<tag>` -> `<registry>/<name>:<tag or the new tag>`; other images as they are.
+fn image(reference: &str, registry: &str, tag: Option<&str>) -> Option<String> {
+    let rest = reference.strip_prefix(&format!("{DEFAULT_REGISTRY}/"))?;
+    let (name, old_tag) = rest.split_once(':').unwrap_or((rest, DEFAULT_TAG));
+    Some(format!("{registry}/{name}:{}", tag.unwrap_or(old_tag)))
+}
+
+/// Rewrites the images of every pod template, and the injector's `--proxy-image=`.
+fn images(docs: &mut [Doc], registry: &str, tag: Option<&str>) {
+    for (_, doc) in docs {
+        let Some(spec) = doc.pointer_mut("/spec/template/spec") else { continue };
+        for list in ["initContainers", "containers"] {
+            for c in spec.get_mut(list).and_then(Json::as_array_mut).into_iter().flatten() {
+                if let Some(new) = c["image"].as_str().and_then(|i| image(i, registry, tag)) {
+                    c["image"] = json!(new);
+                }
+                for arg in c.get_mut("args").and_then(Json::as_array_mut).into_iter().flatten() {
+                    let new = arg
+                        .as_str()
+                        .and_then(|a| a.strip_prefix("--proxy-image="))
+                        .and_then(|i| image(i, registry, tag));
+                    if let Some(new) = new {
+                        *arg = json!(format!("--proxy-image={new}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A CA and a serving certificate for [`INJECTOR_DNS_NAMES`], valid from an hour before
+/// `now_unix` (clock skew) for [`TLS_VALIDITY_DAYS`]. The CA's key is dropped: it signs
+/// this one certificate and nothing else.
+pub fn generate_tls(now_unix: i64) -> Result<Tls, InstallError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    use x509_parser::time::ASN1Time;
+    let err = |e: rcgen::Error| InstallError::Generate(e.to_string());
+    let at = |secs: i64| {
+        ASN1Time::from_timestamp(secs).map(|t| t.to_datetime()).map_err(|e| InstallError::Generate(e.to_string()))
+    };
+    let (not_before, not_after) = (at(now_unix - 3600)?, at(now_unix + TLS_VALIDITY_DAYS * 86_400)?);
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name.push(DnType::CommonName, "neutrino-injector CA");
+    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    (ca.not_before, ca.not_after) = (not_before, not_after);
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().map_err(err)?;
+    let names: Vec<String> = INJECTOR_DNS_NAMES.iter().map(|s| s.to_string()).collect();
+    let mut leaf = CertificateParams::new(names).map_err(err)?;
+    leaf.distinguished_name.push(DnType::CommonName, INJECTOR_DNS_NAMES[0]);
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    (leaf.not_before, leaf.not_after) = (not_before, not_after);
+    let cert = leaf.signed_by(&key, &issuer).map_err(err)?;
+    Ok(Tls { ca_pem: ca_cert.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls() -> Tls {
+        Tls { ca_pem: "CA".into(), cert_pem: "CERT".into(), key_pem: "KEY".into() }
+    }
+
+    fn objects(text: &str) -> Vec<Json> {
+        manifest::read_documents(text).expect("output parses").into_iter().map(|(_, j)| j).collect()
+    }
+
+    fn get<'a>(docs: &'a [Json], kind: &str, name: &str) -> &'a Json {
+        docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name).expect(name)
+    }
+
+    #[test]
+    fn default_install_has_the_secret_before_the_injector_and_the_ca_in_the_webhook() {
+        let docs = objects(&render(&Options::default(), Some(&tls())).expect("render"));
+        let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        assert_eq!(kinds[0], "Namespace");
+        let secret = kinds.iter().position(|k| *k == "Secret").expect("secret");
+        let injector =
+            docs.iter().position(|d| d["metadata"]["name"] == "neutrino-injector" && d["kind"] == "Deployment");
+        assert!(Some(secret) < injector, "{kinds:?}");
+        let webhook = get(&docs, "MutatingWebhookConfiguration", WEBHOOK_CONFIG);
+        assert_eq!(webhook["webhooks"][0]["clientConfig"]["caBundle"], "Q0E=");
+        assert_eq!(get(&docs, "Secret", INJECTOR_TLS_SECRET)["data"]["tls.key"], "S0VZ");
+        assert!(!kinds.contains(&"Certificate") && !kinds.contains(&"ConfigMap"), "{kinds:?}");
+        let cp = get(&docs, "Deployment", CONTROL_PLANE);
+        assert_eq!(cp["spec"]["template"]["spec"]["containers"][0]["args"], json!(["--kubernetes"]));
+        assert!(matches!(render(&Options::default(), None), Err(InstallError::NoTls)));
+    }
+
+    #[test]
+    fn cert_manager_adds_certificates_and_the_ca_injection_annotation() {
+        let opts = Options { cert_manager: true, ..Options::default() };
+        let docs = objects(&render(&opts, None).expect("render"));
+        let webhook = get(&docs, "MutatingWebhookConfiguration", WEBHOOK_CONFIG);
+        assert_eq!(
+            webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+            "neutrino-system/neutrino-injector"
+        );
+        assert!(webhook["webhooks"][0]["clientConfig"].get("caBundle").is_none());
+        assert_eq!(get(&docs, "Certificate", "neutrino-injector")["spec"]["secretName"], INJECTOR_TLS_SECRET);
+        assert!(!docs.iter().any(|d| d["kind"] == "Secret"));
+    }
+
+    #[test]
+    fn demo_adds_redis_jaeger_the_sample_app_and_the_redis_url() {
+        let opts = Options { demo: true, ..Options::default() };
+        let docs = objects(&render(&opts, Some(&tls())).expect("render"));
+        for (kind, name) in [("Deployment", "redis"), ("Deployment", "jaeger"), ("Service", "sample-app")] {
+            get(&docs, kind, name);
+        }
+        let args = &get(&docs, "Deployment", CONTROL_PLANE)["spec"]["template"]["spec"]["containers"][0]["args"];
+        assert_eq!(args, &json!(["--kubernetes", "--redis-url=redis://redis.neutrino-system:6379"]));
+        let svc = get(&docs, "Service", "sample-app");
+        assert_eq!(svc["metadata"]["annotations"]["neutrino.io/openapi"], "configmap:sample-app-openapi/openapi.yaml");
+        let cm = get(&docs, "ConfigMap", "sample-app-openapi");
+        assert!(cm["data"]["openapi.yaml"].as_str().expect("doc").contains("x-neutrino-resources"));
+
+        let opts = Options { redis_url: Some("redis://r:6379".into()), ..Options::default() };
+        let docs = objects(&render(&opts, Some(&tls())).expect("render"));
+        let args = &get(&docs, "Deployment", CONTROL_PLANE)["spec"]["template"]["spec"]["containers"][0]["args"];
+        assert_eq!(args, &json!(["--kubernetes", "--redis-url=redis://r:6379"]));
+        assert!(!docs.iter().any(|d| d["metadata"]["name"] == "redis"));
+    }
+
+    #[test]
+    fn images_follow_registry_and_tag_and_only_ours_change() {
+        let opts = Options {
+            demo: true,
+            image_registry: Some("reg.example/mesh".into()),
+            tag: Some("dev".into()),
+            ..Options::default()
+        };
+        let out = render(&opts, Some(&tls())).expect("render");
+        let docs = objects(&out);
+        let injector = &get(&docs, "Deployment", "neutrino-injector")["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(injector["image"], "reg.example/mesh/neutrino-injector:dev");
+        assert!(
+            injector["args"]
+                .as_array()
+                .expect("args")
+                .contains(&json!("--proxy-image=reg.example/mesh/neutrino-proxy:dev"))
+        );
+        assert!(out.contains("image: redis:7.4-alpine"), "third-party images stay");
+        assert!(!out.contains("image: neutrino/"), "{out}");
+        let bad = Options { tag: Some(" ".into()), ..Options::default() };
+        assert!(render(&bad, Some(&tls())).expect_err("empty tag").to_string().starts_with("--tag"));
+    }
+
+    #[test]
+    fn the_embedded_images_carry_this_version() {
+        let out = render(&Options { demo: true, ..Options::default() }, Some(&tls())).expect("render");
+        for line in out.lines().filter(|l| l.contains("neutrino/neutrino-")) {
+            assert!(
+                line.ends_with(&format!(":{DEFAULT_TAG}")),
+                "{line}: deploy/ must use the crate version {DEFAULT_TAG}"
+            );
+        }
+    }
+
+    #[test]
+    fn generated_tls_is_a_ca_and_a_serving_cert_for_the_service() {
+        let now = 1_700_000_000;
+        let tls = generate_tls(now).expect("generate");
+        let pem = x509_parser::pem::Pem::iter_from_buffer(tls.cert_pem.as_bytes()).next().expect("pem").expect("pem");
+        let cert = pem.parse_x509().expect("x509");
+        assert_eq!(cert.validity().not_after.timestamp(), now + TLS_VALIDITY_DAYS * 86_400);
+        let san = cert.subject_alternative_name().expect("ext").expect("san");
+        assert_eq!(san.value.general_names.len(), 2);
+        assert!(tls.ca_pem.starts_with("-----BEGIN CERTIFICATE-----") && tls.key_pem.contains("PRIVATE KEY"));
+    }
+}

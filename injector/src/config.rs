@@ -1,0 +1,236 @@
+//! Step 1, configuration: what gets injected, from flags shared by `neutrino-injector`
+//! and `neutrino inject` ([`InjectArgs`], flattened into both), checked into an
+//! [`InjectConfig`].
+//!
+//! This module must not read pods: per-pod changes are [`crate::overrides`].
+
+use thiserror::Error;
+
+use crate::overrides;
+
+/// The default control-plane address the proxies dial (the proxy's own default too).
+pub const DEFAULT_CONTROL_PLANE: &str = "neutrino-control-plane.neutrino-system.svc:15010";
+/// The default image for the proxy and its init container (both run `neutrino-proxy`).
+pub const DEFAULT_PROXY_IMAGE: &str = concat!("neutrino/neutrino-proxy:", env!("CARGO_PKG_VERSION"));
+/// The mesh's own namespace: its pods are never injected.
+pub const DEFAULT_SYSTEM_NAMESPACE: &str = "neutrino-system";
+/// The audience of the projected service-account token (what the mesh CA will check, issue 7).
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "neutrino-ca";
+
+/// How the proxy is added to the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SidecarMode {
+    /// A native sidecar (Kubernetes 1.29+): an init container with `restartPolicy: Always`
+    /// and a startup probe, so it is up before app init containers and app containers,
+    /// and it stops after them.
+    #[default]
+    Native,
+    /// For clusters older than 1.29: the first regular container, with a `postStart` hook
+    /// that waits for the proxy's `/ready` so app containers start after it.
+    Legacy,
+}
+
+impl SidecarMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SidecarMode::Native => "native",
+            SidecarMode::Legacy => "legacy",
+        }
+    }
+}
+
+/// The proxy container's requests and limits (Kubernetes quantities).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu_request: String,
+    pub cpu_limit: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+}
+
+/// Everything the patch needs besides the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectConfig {
+    pub proxy_image: String,
+    pub init_image: String,
+    /// `imagePullPolicy` of both containers; `None` leaves Kubernetes' default.
+    pub image_pull_policy: Option<String>,
+    pub sidecar_mode: SidecarMode,
+    pub control_plane: String,
+    pub token_audience: String,
+    pub token_expiration_seconds: u32,
+    pub system_namespace: String,
+    pub resources: Resources,
+    pub log_level: String,
+    /// Legacy mode: how long the `postStart` hook waits for the proxy's `/ready`.
+    pub ready_timeout_secs: u32,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        InjectConfig {
+            proxy_image: DEFAULT_PROXY_IMAGE.to_string(),
+            init_image: DEFAULT_PROXY_IMAGE.to_string(),
+            image_pull_policy: None,
+            sidecar_mode: SidecarMode::Native,
+            control_plane: DEFAULT_CONTROL_PLANE.to_string(),
+            token_audience: DEFAULT_TOKEN_AUDIENCE.to_string(),
+            token_expiration_seconds: 3600,
+            system_namespace: DEFAULT_SYSTEM_NAMESPACE.to_string(),
+            resources: Resources {
+                cpu_request: "10m".into(),
+                cpu_limit: "1".into(),
+                memory_request: "20Mi".into(),
+                memory_limit: "128Mi".into(),
+            },
+            log_level: "info".into(),
+            ready_timeout_secs: 60,
+        }
+    }
+}
+
+/// The injection flags, the same for the webhook and `neutrino inject`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InjectArgs {
+    /// Image of the proxy container.
+    #[arg(long, env = "NEUTRINO_PROXY_IMAGE", default_value = DEFAULT_PROXY_IMAGE)]
+    pub proxy_image: String,
+    /// Image of the init container (runs `neutrino-proxy init`); default: the proxy image.
+    #[arg(long, env = "NEUTRINO_INIT_IMAGE")]
+    pub init_image: Option<String>,
+    /// imagePullPolicy of the injected containers (Always, IfNotPresent, Never).
+    #[arg(long, value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub image_pull_policy: Option<String>,
+    /// native: an init container with restartPolicy Always (Kubernetes 1.29+); legacy: the
+    /// first container with a postStart hook waiting for /ready (older clusters).
+    #[arg(long, value_enum, default_value_t = SidecarMode::Native)]
+    pub sidecar_mode: SidecarMode,
+    /// Control-plane address the proxies dial.
+    #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
+    pub control_plane: String,
+    /// Audience of the projected service-account token mounted into the proxy.
+    #[arg(long, default_value = DEFAULT_TOKEN_AUDIENCE)]
+    pub token_audience: String,
+    /// Lifetime of that token in seconds (Kubernetes requires at least 600).
+    #[arg(long, default_value_t = 3600)]
+    pub token_expiration_seconds: u32,
+    /// Pods in this namespace (the mesh's own) are never injected.
+    #[arg(long, default_value = DEFAULT_SYSTEM_NAMESPACE)]
+    pub system_namespace: String,
+    #[arg(long, default_value = "10m")]
+    pub proxy_cpu_request: String,
+    #[arg(long, default_value = "1")]
+    pub proxy_cpu_limit: String,
+    #[arg(long, default_value = "20Mi")]
+    pub proxy_memory_request: String,
+    #[arg(long, default_value = "128Mi")]
+    pub proxy_memory_limit: String,
+    /// The proxies' log filter (pods may override it with config.neutrino.io/log-level).
+    #[arg(long, default_value = "info")]
+    pub proxy_log_level: String,
+    /// Legacy mode: seconds the postStart hook waits for the proxy to be ready.
+    #[arg(long, default_value_t = 60)]
+    pub ready_timeout_secs: u32,
+}
+
+/// A bad injection flag.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    #[error("checking the injection flags: --{flag} {value:?} {reason}")]
+    Flag { flag: &'static str, value: String, reason: String },
+}
+
+impl InjectArgs {
+    /// Checks the flags; every error names the flag and value.
+    pub fn config(&self) -> Result<InjectConfig, ConfigError> {
+        let flag = |flag: &'static str, value: &str, reason: String| ConfigError::Flag {
+            flag,
+            value: value.to_string(),
+            reason,
+        };
+        let resources = Resources {
+            cpu_request: self.proxy_cpu_request.clone(),
+            cpu_limit: self.proxy_cpu_limit.clone(),
+            memory_request: self.proxy_memory_request.clone(),
+            memory_limit: self.proxy_memory_limit.clone(),
+        };
+        for (name, value) in [
+            ("proxy-cpu-request", &resources.cpu_request),
+            ("proxy-cpu-limit", &resources.cpu_limit),
+            ("proxy-memory-request", &resources.memory_request),
+            ("proxy-memory-limit", &resources.memory_limit),
+        ] {
+            overrides::quantity(value).map_err(|r| flag(name, value, r))?;
+        }
+        for (request, limit, req_flag) in [
+            (&resources.cpu_request, &resources.cpu_limit, "proxy-cpu-request"),
+            (&resources.memory_request, &resources.memory_limit, "proxy-memory-request"),
+        ] {
+            if overrides::quantity(request).ok() > overrides::quantity(limit).ok() {
+                return Err(flag(req_flag, request, format!("is above the limit {limit}")));
+            }
+        }
+        overrides::log_level(&self.proxy_log_level).map_err(|r| flag("proxy-log-level", &self.proxy_log_level, r))?;
+        if self.token_expiration_seconds < 600 {
+            let value = self.token_expiration_seconds.to_string();
+            return Err(flag("token-expiration-seconds", &value, "is below Kubernetes' minimum of 600".into()));
+        }
+        for (name, value) in [
+            ("proxy-image", &self.proxy_image),
+            ("control-plane", &self.control_plane),
+            ("token-audience", &self.token_audience),
+        ] {
+            if value.trim().is_empty() {
+                return Err(flag(name, value, "is empty".into()));
+            }
+        }
+        Ok(InjectConfig {
+            proxy_image: self.proxy_image.clone(),
+            init_image: self.init_image.clone().unwrap_or_else(|| self.proxy_image.clone()),
+            image_pull_policy: self.image_pull_policy.clone(),
+            sidecar_mode: self.sidecar_mode,
+            control_plane: self.control_plane.clone(),
+            token_audience: self.token_audience.clone(),
+            token_expiration_seconds: self.token_expiration_seconds,
+            system_namespace: self.system_namespace.clone(),
+            resources,
+            log_level: self.proxy_log_level.clone(),
+            ready_timeout_secs: self.ready_timeout_secs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        inject: InjectArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<InjectConfig, ConfigError> {
+        Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied())).expect("flags parse").inject.config()
+    }
+
+    #[test]
+    fn flag_defaults_are_the_default_config() {
+        assert_eq!(config(&[]), Ok(InjectConfig::default()));
+    }
+
+    #[test]
+    fn flags_are_checked() {
+        let c = config(&["--proxy-image", "p:1", "--sidecar-mode", "legacy"]).expect("valid");
+        assert_eq!((c.init_image.as_str(), c.sidecar_mode), ("p:1", SidecarMode::Legacy));
+        let e = config(&["--proxy-memory-limit", "big"]).expect_err("bad quantity");
+        assert!(e.to_string().starts_with("checking the injection flags: --proxy-memory-limit \"big\""), "{e}");
+        let e = config(&["--proxy-cpu-request", "2"]).expect_err("request above limit");
+        assert!(e.to_string().contains("above the limit 1"), "{e}");
+        assert!(config(&["--token-expiration-seconds", "60"]).is_err());
+        assert!(config(&["--proxy-log-level", "chatty"]).is_err());
+        assert!(config(&["--control-plane", " "]).is_err());
+    }
+}

@@ -1,0 +1,171 @@
+//! Golden files: every manifest of `../shared/testdata/k8s/` injected (native mode; a few
+//! in legacy mode too) and compared with `tests/golden/`. Regenerate after an intended
+//! change with `NEUTRINO_BLESS=1 cargo nextest run -p neutrino-injector --test golden`
+//! and review the diff. Also: injecting twice changes nothing, uninject restores each
+//! manifest exactly, and the skip and ordering cases.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use neutrino_injector::config::{InjectConfig, SidecarMode};
+use neutrino_injector::manifest::{self, Note};
+use neutrino_injector::patch::SkipReason;
+use neutrino_injector::{ANNOTATION_SKIPPED, INIT_CONTAINER, PROXY_CONTAINER, TOKEN_VOLUME};
+use serde_json::Value;
+
+use common::{names, pods, read, shared_files};
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+fn legacy() -> InjectConfig {
+    InjectConfig { sidecar_mode: SidecarMode::Legacy, ..InjectConfig::default() }
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem().and_then(|s| s.to_str()).expect("file name").to_string()
+}
+
+/// Compares with the golden file, or writes it under NEUTRINO_BLESS=1.
+fn check_golden(name: &str, actual: &str) -> Option<String> {
+    let path = golden_dir().join(name);
+    if std::env::var_os("NEUTRINO_BLESS").is_some() {
+        std::fs::create_dir_all(golden_dir()).expect("golden dir");
+        std::fs::write(&path, actual).expect("write golden");
+        return None;
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(expected) if expected == actual => None,
+        Ok(_) => Some(format!("{name}: output differs from the golden file")),
+        Err(e) => Some(format!("{name}: {e}")),
+    }
+}
+
+const LEGACY_CASES: [&str; 3] =
+    ["istio-inject-multi-init.yaml", "istio-inject-native-sidecar.yaml", "javaweb-pod-with-init-container.yaml"];
+
+fn docs(text: &str) -> Vec<Value> {
+    manifest::read_documents(text).expect("parses").into_iter().map(|(_, json)| json).collect()
+}
+
+#[test]
+fn every_shared_manifest_matches_its_golden_file() {
+    let mut failures = Vec::new();
+    let mut expected_files = Vec::new();
+    for path in shared_files("k8s") {
+        let (out, _) = manifest::inject_stream(&read(&path), &InjectConfig::default()).expect("injects");
+        let name = format!("{}.injected.yaml", stem(&path));
+        failures.extend(check_golden(&name, &out));
+        expected_files.push(name);
+        let file = path.file_name().and_then(|n| n.to_str()).expect("name");
+        if LEGACY_CASES.contains(&file) {
+            let (out, _) = manifest::inject_stream(&read(&path), &legacy()).expect("injects");
+            let name = format!("{}.legacy.yaml", stem(&path));
+            failures.extend(check_golden(&name, &out));
+            expected_files.push(name);
+        }
+    }
+    assert_eq!(expected_files.len(), 13, "one golden per shared manifest, plus the legacy cases");
+    let mut present: Vec<String> = std::fs::read_dir(golden_dir())
+        .expect("golden dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    present.sort();
+    expected_files.sort();
+    assert_eq!(present, expected_files, "stale or missing golden files");
+    assert!(
+        failures.is_empty(),
+        "{}\nif the change is intended: NEUTRINO_BLESS=1 cargo nextest run -p neutrino-injector --test golden",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    for cfg in [InjectConfig::default(), legacy()] {
+        for path in shared_files("k8s") {
+            let (once, _) = manifest::inject_stream(&read(&path), &cfg).expect("injects");
+            let (twice, notes) = manifest::inject_stream(&once, &cfg).expect("injects again");
+            assert_eq!(once, twice, "{}", path.display());
+            assert!(notes.iter().all(|n| !matches!(n, Note::Injected { .. })), "{}: {notes:?}", path.display());
+        }
+    }
+}
+
+#[test]
+fn uninject_restores_every_manifest() {
+    for cfg in [InjectConfig::default(), legacy()] {
+        for path in shared_files("k8s") {
+            let original = read(&path);
+            let (injected, _) = manifest::inject_stream(&original, &cfg).expect("injects");
+            let (back, _) = manifest::uninject_stream(&injected).expect("uninjects");
+            assert_eq!(docs(&back), docs(&original), "{}", path.display());
+            // Uninjecting what was never injected changes nothing either.
+            let (same, notes) = manifest::uninject_stream(&back).expect("uninjects");
+            assert_eq!(docs(&same), docs(&original), "{}", path.display());
+            assert!(notes.is_empty(), "{notes:?}");
+        }
+    }
+}
+
+#[test]
+fn host_network_workloads_are_skipped_with_the_reason() {
+    for file in ["istio-inject-hello-host-network.yaml", "newrelic-daemonset-hostnetwork.yaml"] {
+        let path = common::shared("k8s").join(file);
+        let (out, notes) = manifest::inject_stream(&read(&path), &InjectConfig::default()).expect("injects");
+        assert!(
+            matches!(notes.as_slice(), [Note::Skipped { reason: SkipReason::HostNetwork, .. }]),
+            "{file}: {notes:?}"
+        );
+        let doc = &docs(&out)[0];
+        let pod = pods(doc)[0];
+        assert_eq!(pod["metadata"]["annotations"][ANNOTATION_SKIPPED], "host-network", "{file}");
+        assert!(pod["spec"].get("initContainers").is_none(), "{file}: nothing injected");
+        assert!(!names(&pod["spec"]["containers"]).contains(&PROXY_CONTAINER));
+    }
+}
+
+#[test]
+fn every_workload_kind_is_injected_and_ordered() {
+    let mut injected = 0;
+    for path in shared_files("k8s") {
+        let (out, _) = manifest::inject_stream(&read(&path), &InjectConfig::default()).expect("injects");
+        for doc in docs(&out) {
+            for pod in pods(&doc) {
+                if pod["spec"]["hostNetwork"] == true {
+                    continue;
+                }
+                let init = names(&pod["spec"]["initContainers"]);
+                assert_eq!(init[..2], [INIT_CONTAINER, PROXY_CONTAINER], "{}", path.display());
+                assert!(names(&pod["spec"]["volumes"]).contains(&TOKEN_VOLUME));
+                injected += 1;
+            }
+        }
+    }
+    // 12 microservices-demo Deployments, cassandra, cronjob, job, 2 in the List,
+    // multi-init, native-sidecar, javaweb.
+    assert_eq!(injected, 20);
+}
+
+#[test]
+fn existing_init_containers_and_native_sidecars_keep_their_order_after_ours() {
+    let case = |file: &str, cfg: &InjectConfig| {
+        let path = common::shared("k8s").join(file);
+        let (out, _) = manifest::inject_stream(&read(&path), cfg).expect("injects");
+        let doc = docs(&out).remove(0);
+        let pod = pods(&doc)[0].clone();
+        (
+            names(&pod["spec"]["initContainers"]).iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            names(&pod["spec"]["containers"]).iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    let (init, _) = case("istio-inject-multi-init.yaml", &InjectConfig::default());
+    assert_eq!(init, [INIT_CONTAINER, PROXY_CONTAINER, "init-one", "init-two"]);
+    let (init, _) = case("istio-inject-native-sidecar.yaml", &InjectConfig::default());
+    assert_eq!(init, [INIT_CONTAINER, PROXY_CONTAINER, "other-sidecar"]);
+    let (init, containers) = case("istio-inject-multi-init.yaml", &legacy());
+    assert_eq!(init, ["init-one", "init-two", INIT_CONTAINER]);
+    assert_eq!(containers, [PROXY_CONTAINER, "hello"]);
+}

@@ -1,0 +1,187 @@
+//! Prometheus metrics, scraped and parsed with a real text-format parser: the counts by
+//! direction, service, operation and status class match the traffic sent, on the
+//! caller's proxy (outbound) and on the backend's sidecar (inbound), with latency
+//! histograms, selection reasons, shed requests and per-endpoint load.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use neutrino_tests::backend::Backend;
+use neutrino_tests::*;
+use prometheus_parse::{Scrape, Value};
+
+const SPEC: &str = "openapi: 3.0.3\ninfo: {title: web, version: '1'}\npaths:\n  /items/{id}:\n    get:\n      operationId: getItem\n      x-neutrino-resources: {cpu: 100m}\n      responses: {'200': {description: ok}}\n  /train:\n    post:\n      operationId: train\n      x-neutrino-resources: {cpu: 100m, nvidia.com/gpu: 1}\n      responses: {'200': {description: ok}}\n";
+
+async fn scrape(admin: u16) -> Scrape {
+    let (code, text) = get(admin, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text exposition")
+}
+
+/// The value of the one sample named `name` whose labels include all of `labels`.
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found =
+        s.samples.iter().filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(v)));
+    let sample = found.next()?;
+    assert!(found.next().is_none(), "more than one {name} sample with {labels:?}");
+    match &sample.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(*v),
+        Value::Histogram(h) => h.last().map(|b| b.count),
+        Value::Summary(_) => None,
+    }
+}
+
+fn curl(proxy: u16, args: &[&str]) -> u16 {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            "-x",
+            &format!("http://127.0.0.1:{proxy}"),
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn counts_by_operation_and_status_match_the_traffic_sent() {
+    let app = Backend::start("web-0").await;
+    let spec = tempfile::tempdir().unwrap();
+    std::fs::write(spec.path().join("web.yaml"), SPEC).unwrap();
+    let sidecar_inbound = free_port();
+    let mesh = MeshFile::new(&format!(
+        "services:\n  - name: web\n    ports: [{{port: 80, protocol: http}}]\n    openapi: {}\n    endpoints:\n      - {{address: 127.0.0.1, port: {sidecar_inbound}, name: web-0, capacity: {{cpu: 4, memory: 8Gi}}}}\n",
+        spec.path().join("web.yaml").display()
+    ));
+    let cp = ControlPlane::start(&mesh.path(), &[]);
+    let sidecar = Sidecar::start(&format!("127.0.0.1:{}", cp.grpc), "web-0", sidecar_inbound, app.port, &[]);
+    let caller = Proxy::start(cp.grpc);
+    caller.wait_ready().await;
+    sidecar.wait_ready().await;
+
+    let port = caller.outbound;
+    let codes = tokio::task::spawn_blocking(move || {
+        let mut codes = Vec::new();
+        for i in 0..5 {
+            codes.push(curl(port, &[&format!("http://web.default/items/{i}")]));
+        }
+        for _ in 0..2 {
+            codes.push(curl(port, &["http://web.default/status/404"]));
+        }
+        // Needs a GPU no endpoint has: refused at once, never sent.
+        codes.push(curl(port, &["-X", "POST", "http://web.default/train"]));
+        codes
+    })
+    .await
+    .unwrap();
+    assert_eq!(codes, [200, 200, 200, 200, 200, 404, 404, 503]);
+    assert_eq!(app.served(), 7);
+
+    let out = scrape(caller.admin).await;
+    let svc = ("service", "default/web");
+    let outbound = ("direction", "outbound");
+    let requests = "neutrino_proxy_requests_total";
+    assert_eq!(value(&out, requests, &[outbound, svc, ("operation", "getItem"), ("status_class", "2xx")]), Some(5.0));
+    assert_eq!(value(&out, requests, &[outbound, svc, ("operation", ""), ("status_class", "4xx")]), Some(2.0));
+    assert_eq!(value(&out, requests, &[outbound, svc, ("operation", "train"), ("status_class", "5xx")]), Some(1.0));
+    assert_eq!(value(&out, requests, &[outbound, svc, ("operation", "getItem"), ("status_class", "5xx")]), None);
+    let histogram = "neutrino_proxy_request_duration_seconds";
+    assert_eq!(value(&out, histogram, &[outbound, svc, ("operation", "getItem")]), Some(5.0));
+    let chosen: f64 = out
+        .samples
+        .iter()
+        .filter(|s| s.metric == "neutrino_proxy_selections_total")
+        .map(|s| match s.value {
+            // The parser types samples by their TYPE line's name, which lacks `_total`.
+            Value::Counter(v) | Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert_eq!(chosen, 7.0, "one selection per request sent");
+    assert_eq!(value(&out, "neutrino_proxy_requests_shed_total", &[svc, ("operation", "train")]), Some(1.0));
+    let ep = ("pod", "web-0");
+    assert_eq!(value(&out, "neutrino_proxy_endpoint_capacity", &[svc, ep, ("resource", "cpu_millis")]), Some(4000.0));
+    assert_eq!(value(&out, "neutrino_proxy_endpoint_requests_in_flight", &[svc, ep]), Some(0.0));
+    assert!(value(&out, "neutrino_proxy_endpoint_utilization", &[svc, ep]).is_some());
+
+    // The backend's sidecar counted the same requests inbound, by the same operations.
+    let inbound = scrape(sidecar.admin).await;
+    let dir = ("direction", "inbound");
+    assert_eq!(value(&inbound, requests, &[dir, svc, ("operation", "getItem"), ("status_class", "2xx")]), Some(5.0));
+    assert_eq!(value(&inbound, requests, &[dir, svc, ("operation", ""), ("status_class", "4xx")]), Some(2.0));
+    assert_eq!(value(&inbound, requests, &[dir, svc, ("operation", "train")]), None, "never sent");
+}
+
+/// `neutrino stat` and `neutrino top` against live proxies: the row of the operation
+/// being called shows a rate and a success rate computed from the proxies' metrics.
+#[tokio::test]
+async fn stat_and_top_show_the_live_traffic() {
+    let app = Backend::start("web-0").await;
+    let spec = tempfile::tempdir().unwrap();
+    std::fs::write(spec.path().join("web.yaml"), SPEC).unwrap();
+    let mesh = MeshFile::new(&format!(
+        "services:\n  - name: web\n    ports: [{{port: 80, protocol: http}}]\n    openapi: {}\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, name: web-0, capacity: {{cpu: 4, memory: 8Gi}}}}\n",
+        spec.path().join("web.yaml").display(),
+        app.port
+    ));
+    let cp = ControlPlane::start(&mesh.path(), &[]);
+    let caller = Proxy::start(cp.grpc);
+    caller.wait_ready().await;
+    let port = caller.outbound;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(curl(port, &["http://web.default/items/1"]), 200);
+                sent += 1;
+            }
+            sent
+        })
+    };
+    let admin = format!("127.0.0.1:{}", caller.admin);
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(bin("neutrino")).args(&args).output().unwrap();
+            assert!(out.status.success(), "neutrino {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).to_string()
+        })
+    };
+    let stat =
+        run(vec!["stat".into(), "--proxy".into(), admin.clone(), "--window-secs".into(), "1".into()]).await.unwrap();
+    let top = run(vec![
+        "top".into(),
+        "--proxy".into(),
+        admin,
+        "--interval-ms".into(),
+        "500".into(),
+        "--iterations".into(),
+        "1".into(),
+    ])
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Joined off the runtime: the app answering the last request runs on it.
+    let sent = tokio::task::spawn_blocking(move || traffic.join().unwrap()).await.unwrap();
+    assert!(sent > 0);
+    for out in [&stat, &top] {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with("default/web") && l.contains("getItem"))
+            .unwrap_or_else(|| panic!("no getItem row in:\n{out}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        let rps: f64 = cols[2].parse().unwrap();
+        assert!(rps > 0.0, "{row}");
+        assert_eq!(cols[3], "100.0%", "{row}");
+        assert!(out.contains("web-0"), "the endpoint table lists the pod:\n{out}");
+    }
+}
