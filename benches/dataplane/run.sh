@@ -4,7 +4,7 @@
 #   bash benches/dataplane/run.sh            # install what is missing, build, run, report
 #   DURATION=5 bash benches/dataplane/run.sh # shorter measurement windows (seconds)
 #   SKIP_INSTALL=1 SKIP_BUILD=1 bash benches/dataplane/run.sh   # reuse tools and binaries
-#   bash benches/dataplane/run.sh redis-outage   # the request log while Redis stalls and dies
+#   bash benches/dataplane/run.sh outage   # the request log and traces while their sinks fail
 #
 # Results: benches/results/dataplane.md (printed too) and
 # benches/results/dataplane-latency.png. How it works: benches/README.md, section
@@ -83,8 +83,8 @@ fi
 log "open-files limit $(ulimit -n); $(nproc) cores; $(free -g | awk '/^Mem:/ {print $2}') GiB"
 
 script=bench.py
-if [[ "${1:-}" == "redis-outage" ]]; then
+if [[ "${1:-}" == "outage" ]]; then
     shift
-    script=redis_outage.py
+    script=outage.py
 fi
 exec python3 "$here/$script" --root "$root" "$@"

@@ -9,8 +9,9 @@
 //! 2. TLS for the injector: either a Secret `neutrino-injector-tls` with a serving
 //!    certificate generated here ([`generate_tls`]) and its CA written into the
 //!    webhook's `caBundle`, or (`--cert-manager`) the files of `deploy/cert-manager`;
-//! 3. `--demo`: the files of `deploy/demo` and its JSON patch (the control plane's
-//!    `--redis-url`); `--redis-url` alone adds that argument without the demo;
+//! 3. `--demo`: the files of `deploy/demo` and its JSON patches (the control plane's
+//!    `--redis-url`, the injector's `--otlp-endpoint` to the demo's Jaeger);
+//!    `--redis-url` alone adds that argument without the demo;
 //! 4. images: `--image-registry` and `--tag` rewrite every `neutrino/*` image and the
 //!    injector's `--proxy-image`.
 //!
@@ -63,6 +64,8 @@ const CERT_MANAGER_PATCH: File = deploy!("cert-manager/webhook-ca.yaml");
 const DEMO: [File; 3] = [deploy!("demo/redis.yaml"), deploy!("demo/jaeger.yaml"), deploy!("demo/sample-app.yaml")];
 /// A JSON patch on the control plane's Deployment (`deploy/demo/kustomization.yaml`).
 const DEMO_PATCH: File = deploy!("demo/control-plane-redis.yaml");
+/// A JSON patch on the injector's Deployment (`deploy/demo/kustomization.yaml`): traces to Jaeger.
+const DEMO_INJECTOR_PATCH: File = deploy!("demo/injector-otlp.yaml");
 
 #[derive(Debug, Error)]
 pub enum InstallError {
@@ -139,6 +142,7 @@ pub fn render(opts: &Options, tls: Option<&Tls>) -> Result<String, InstallError>
         for file in DEMO {
             docs.extend(read(file)?);
         }
+        json_patch_file(&mut docs, DEMO_INJECTOR_PATCH, INJECTOR_SERVICE)?;
     }
     redis_url(&mut docs, opts)?;
     images(&mut docs, opts.image_registry.as_deref().unwrap_or(DEFAULT_REGISTRY), opts.tag.as_deref());
@@ -190,6 +194,17 @@ fn add_tls(docs: &mut Vec<Doc>, tls: &Tls) -> Result<(), InstallError> {
         hook["clientConfig"]["caBundle"] = json!(b64(&tls.ca_pem));
     }
     Ok(())
+}
+
+/// Applies a JSON patch file of `deploy/` to the Deployment `name`.
+fn json_patch_file(docs: &mut [Doc], file: File, name: &str) -> Result<(), InstallError> {
+    let ops = serde_yaml_ng::from_str::<Json>(file.1)
+        .map_err(|e| InstallError::Embedded { file: file.0, source: Box::new(e) })?;
+    let patch: json_patch::Patch =
+        serde_json::from_value(ops).map_err(|e| InstallError::Patch { file: file.0, reason: e.to_string() })?;
+    let deployment = find(docs, "Deployment", name)
+        .ok_or_else(|| InstallError::Patch { file: file.0, reason: format!("no Deployment {name}") })?;
+    json_patch::patch(deployment, &patch).map_err(|e| InstallError::Patch { file: file.0, reason: e.to_string() })
 }
 
 /// The demo's JSON patch (with `--redis-url`'s value, when given), or `--redis-url` alone.
@@ -326,6 +341,14 @@ mod tests {
         }
         let args = &get(&docs, "Deployment", CONTROL_PLANE)["spec"]["template"]["spec"]["containers"][0]["args"];
         assert_eq!(args, &json!(["--kubernetes", "--redis-url=redis://redis.neutrino-system:6379"]));
+        let injector = &get(&docs, "Deployment", INJECTOR_SERVICE)["spec"]["template"]["spec"]["containers"][0];
+        let otlp = json!("--otlp-endpoint=http://jaeger.neutrino-system.svc:4317");
+        assert!(injector["args"].as_array().is_some_and(|a| a.last() == Some(&otlp)), "{injector}");
+        let jaeger = get(&docs, "Service", "jaeger");
+        assert_eq!(
+            (&jaeger["metadata"]["namespace"], &jaeger["spec"]["ports"][0]["port"]),
+            (&json!(NAMESPACE), &json!(4317))
+        );
         let svc = get(&docs, "Service", "sample-app");
         assert_eq!(svc["metadata"]["annotations"]["neutrino.io/openapi"], "configmap:sample-app-openapi/openapi.yaml");
         let cm = get(&docs, "ConfigMap", "sample-app-openapi");
@@ -336,6 +359,8 @@ mod tests {
         let args = &get(&docs, "Deployment", CONTROL_PLANE)["spec"]["template"]["spec"]["containers"][0]["args"];
         assert_eq!(args, &json!(["--kubernetes", "--redis-url=redis://r:6379"]));
         assert!(!docs.iter().any(|d| d["metadata"]["name"] == "redis"));
+        let injector = &get(&docs, "Deployment", INJECTOR_SERVICE)["spec"]["template"]["spec"]["containers"][0];
+        assert!(!injector["args"].to_string().contains("otlp"), "no traces outside the demo: {injector}");
     }
 
     #[test]

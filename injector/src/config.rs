@@ -39,6 +39,27 @@ impl SidecarMode {
     }
 }
 
+/// `imagePullPolicy` (an enum rather than a string list: it keeps [`InjectArgs`] small).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PullPolicy {
+    #[value(name = "Always")]
+    Always,
+    #[value(name = "IfNotPresent")]
+    IfNotPresent,
+    #[value(name = "Never")]
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
 /// The proxy container's requests and limits (Kubernetes quantities).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resources {
@@ -64,6 +85,10 @@ pub struct InjectConfig {
     pub log_level: String,
     /// Legacy mode: how long the `postStart` hook waits for the proxy's `/ready`.
     pub ready_timeout_secs: u32,
+    /// Where the proxies export traces (OTLP/gRPC), set as `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// in the proxy container; `None`: traces off (pods may still set
+    /// `config.neutrino.io/otlp-endpoint`).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for InjectConfig {
@@ -85,6 +110,7 @@ impl Default for InjectConfig {
             },
             log_level: "info".into(),
             ready_timeout_secs: 60,
+            otlp_endpoint: None,
         }
     }
 }
@@ -99,8 +125,8 @@ pub struct InjectArgs {
     #[arg(long, env = "NEUTRINO_INIT_IMAGE")]
     pub init_image: Option<String>,
     /// imagePullPolicy of the injected containers (Always, IfNotPresent, Never).
-    #[arg(long, value_parser = ["Always", "IfNotPresent", "Never"])]
-    pub image_pull_policy: Option<String>,
+    #[arg(long, value_enum)]
+    pub image_pull_policy: Option<PullPolicy>,
     /// native: an init container with restartPolicy Always (Kubernetes 1.29+); legacy: the
     /// first container with a postStart hook waiting for /ready (older clusters).
     #[arg(long, value_enum, default_value_t = SidecarMode::Native)]
@@ -131,6 +157,11 @@ pub struct InjectArgs {
     /// Legacy mode: seconds the postStart hook waits for the proxy to be ready.
     #[arg(long, default_value_t = 60)]
     pub ready_timeout_secs: u32,
+    /// OTLP/gRPC collector the proxies send traces to (http(s)://HOST:PORT, e.g.
+    /// http://jaeger.neutrino-system.svc:4317), set as OTEL_EXPORTER_OTLP_ENDPOINT in the
+    /// proxy; unset: no traces (pods may override it with config.neutrino.io/otlp-endpoint).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A bad injection flag.
@@ -175,6 +206,13 @@ impl InjectArgs {
             let value = self.token_expiration_seconds.to_string();
             return Err(flag("token-expiration-seconds", &value, "is below Kubernetes' minimum of 600".into()));
         }
+        if let Some(url) = &self.otlp_endpoint {
+            overrides::otlp_endpoint(url)
+                .and_then(
+                    |u| if u.is_empty() { Err("is empty; leave the flag out for no traces".into()) } else { Ok(u) },
+                )
+                .map_err(|r| flag("otlp-endpoint", url, r))?;
+        }
         for (name, value) in [
             ("proxy-image", &self.proxy_image),
             ("control-plane", &self.control_plane),
@@ -187,7 +225,7 @@ impl InjectArgs {
         Ok(InjectConfig {
             proxy_image: self.proxy_image.clone(),
             init_image: self.init_image.clone().unwrap_or_else(|| self.proxy_image.clone()),
-            image_pull_policy: self.image_pull_policy.clone(),
+            image_pull_policy: self.image_pull_policy.map(|p| p.as_str().to_string()),
             sidecar_mode: self.sidecar_mode,
             control_plane: self.control_plane.clone(),
             token_audience: self.token_audience.clone(),
@@ -196,6 +234,7 @@ impl InjectArgs {
             resources,
             log_level: self.proxy_log_level.clone(),
             ready_timeout_secs: self.ready_timeout_secs,
+            otlp_endpoint: self.otlp_endpoint.as_ref().map(|u| u.trim().to_string()),
         })
     }
 }
@@ -225,6 +264,10 @@ mod tests {
     fn flags_are_checked() {
         let c = config(&["--proxy-image", "p:1", "--sidecar-mode", "legacy"]).expect("valid");
         assert_eq!((c.init_image.as_str(), c.sidecar_mode), ("p:1", SidecarMode::Legacy));
+        let c = config(&["--image-pull-policy", "IfNotPresent"]).expect("valid");
+        assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
+        let bad = Cli::try_parse_from(["x", "--image-pull-policy", "always"]).expect_err("case matters");
+        assert!(bad.to_string().contains("[possible values: Always, IfNotPresent, Never]"), "{bad}");
         let e = config(&["--proxy-memory-limit", "big"]).expect_err("bad quantity");
         assert!(e.to_string().starts_with("checking the injection flags: --proxy-memory-limit \"big\""), "{e}");
         let e = config(&["--proxy-cpu-request", "2"]).expect_err("request above limit");
@@ -232,5 +275,16 @@ mod tests {
         assert!(config(&["--token-expiration-seconds", "60"]).is_err());
         assert!(config(&["--proxy-log-level", "chatty"]).is_err());
         assert!(config(&["--control-plane", " "]).is_err());
+    }
+
+    #[test]
+    fn the_otlp_endpoint_is_an_http_url() {
+        assert_eq!(config(&[]).expect("valid").otlp_endpoint, None);
+        let c = config(&["--otlp-endpoint", "http://jaeger.neutrino-system.svc:4317"]).expect("valid");
+        assert_eq!(c.otlp_endpoint.as_deref(), Some("http://jaeger.neutrino-system.svc:4317"));
+        for bad in ["jaeger:4317", "grpc://jaeger:4317", "", "http://"] {
+            let e = config(&["--otlp-endpoint", bad]).expect_err(bad);
+            assert!(e.to_string().starts_with("checking the injection flags: --otlp-endpoint"), "{e}");
+        }
     }
 }

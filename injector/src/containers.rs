@@ -13,6 +13,10 @@ use crate::config::{InjectConfig, SidecarMode};
 use crate::overrides::{self, AnnotationError, Overrides, Select};
 use crate::{INIT_CONTAINER, PROXY_ADMIN_PORT, PROXY_CONTAINER, PROXY_UID, TOKEN_MOUNT_PATH, TOKEN_VOLUME};
 
+/// The variable the proxy reads its OTLP collector from (`proxy/src/telemetry/trace.rs`);
+/// the service name it then reports defaults to `neutrino-proxy`.
+pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
 /// The file name of the token inside [`TOKEN_MOUNT_PATH`].
 pub const TOKEN_FILE: &str = "token";
 
@@ -159,6 +163,11 @@ pub fn proxy_container(cfg: &InjectConfig, o: &Overrides) -> Result<Value, Annot
             ]}}});
         }
     }
+    // Appended only when set, so pods without traces get the same container as before.
+    let otlp = o.otlp_endpoint.as_ref().or(cfg.otlp_endpoint.as_ref()).filter(|u| !u.is_empty());
+    if let (Some(url), Some(env)) = (otlp, c["env"].as_array_mut()) {
+        env.push(json!({"name": OTLP_ENDPOINT_ENV, "value": url}));
+    }
     if let Some(policy) = &cfg.image_pull_policy {
         c["imagePullPolicy"] = json!(policy);
     }
@@ -234,6 +243,32 @@ mod tests {
         let c = proxy_container(&legacy, &Overrides::default()).expect("container");
         assert!(c.get("restartPolicy").is_none() && c.get("startupProbe").is_none());
         assert_eq!(c["lifecycle"]["postStart"]["exec"]["command"][1], "wait-ready");
+    }
+
+    #[test]
+    fn the_otlp_endpoint_comes_from_the_config_unless_the_pod_overrides_it() {
+        let otlp = |c: &Value| {
+            c["env"]
+                .as_array()
+                .expect("env")
+                .iter()
+                .find(|e| e["name"] == OTLP_ENDPOINT_ENV)
+                .map(|e| e["value"].clone())
+        };
+        let none = proxy_container(&InjectConfig::default(), &Overrides::default()).expect("container");
+        assert_eq!(otlp(&none), None);
+        let cfg = InjectConfig { otlp_endpoint: Some("http://jaeger:4317".into()), ..InjectConfig::default() };
+        let c = proxy_container(&cfg, &Overrides::default()).expect("container");
+        assert_eq!(otlp(&c), Some(json!("http://jaeger:4317")));
+        assert_eq!(c["env"].as_array().map(Vec::len), none["env"].as_array().map(|e| e.len() + 1), "only appended");
+        let o = Overrides { otlp_endpoint: Some("https://otel:4317".into()), ..Overrides::default() };
+        assert_eq!(otlp(&proxy_container(&cfg, &o).expect("container")), Some(json!("https://otel:4317")));
+        assert_eq!(
+            otlp(&proxy_container(&InjectConfig::default(), &o).expect("container")),
+            Some(json!("https://otel:4317"))
+        );
+        let off = Overrides { otlp_endpoint: Some(String::new()), ..Overrides::default() };
+        assert_eq!(otlp(&proxy_container(&cfg, &off).expect("container")), None);
     }
 
     #[test]

@@ -11,16 +11,22 @@
 //! 5. [`uninject`]: the exact reverse, read from the status annotation the patch wrote.
 //! 6. [`manifest`]: the same patch over the pod templates of workload manifests
 //!    (multi-document YAML), for `neutrino inject` / `neutrino uninject`.
-//! 7. [`review`]: AdmissionReview v1 in, AdmissionReview response out: a pure function.
-//! 8. `serve` and `tls` (feature `server`, the binary): HTTPS around [`review`].
+//! 7. [`review`]: AdmissionReview v1 in, AdmissionReview response out: a pure function;
+//!    with it, as data, the [`event`] to record when a pod is skipped or denied.
+//! 8. `serve` and `tls` (feature `server`, the binary): HTTPS around [`review`];
+//!    `recorder` sends the Events to the Kubernetes API off the admission path.
 //!
-//! Nothing here talks to the Kubernetes API: the webhook answers what it is sent.
+//! Only `recorder` talks to the Kubernetes API, and nothing waits for it: the webhook
+//! answers from what it is sent.
 
 pub mod config;
 pub mod containers;
+pub mod event;
 pub mod manifest;
 pub mod overrides;
 pub mod patch;
+#[cfg(feature = "server")]
+pub mod recorder;
 pub mod review;
 #[cfg(feature = "server")]
 pub mod serve;

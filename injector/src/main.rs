@@ -2,7 +2,11 @@
 //!
 //! Prints `listening on https://ADDR` on stdout once it accepts connections (after the CA
 //! bundle, if asked for, is written); logs go to stderr. SIGTERM or Ctrl-C: stop
-//! accepting, drain, exit 0.
+//! accepting, drain, send the Events still queued (up to 5 s), exit 0.
+//!
+//! Events (`--events`): on by default when a Kubernetes config can be inferred (in a
+//! pod: its service-account token; elsewhere KUBECONFIG or ~/.kube/config), off with
+//! `--events=false`; `--events` alone makes a missing config an error.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -13,6 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use neutrino_injector::config::InjectArgs;
+use neutrino_injector::recorder::{self, Recorder};
 use neutrino_injector::serve::{self, Settings};
 use neutrino_injector::tls;
 
@@ -44,6 +49,15 @@ struct Args {
     /// On SIGTERM, how long open connections may take to finish (seconds).
     #[arg(long, default_value_t = 10)]
     drain_timeout_secs: u64,
+    /// Record a Kubernetes Event for each skipped or denied pod. Default: on when a
+    /// Kubernetes config can be inferred (in-cluster, KUBECONFIG, ~/.kube/config);
+    /// `--events` alone: on, and no config is an error; `--events=false`: off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    events: Option<bool>,
+    /// The Events' reportingInstance: this injector's pod (the downward API's
+    /// metadata.name); default: $HOSTNAME.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
     /// Log filter, e.g. "info" or "neutrino_injector=debug".
     #[arg(long, env = "NEUTRINO_LOG", default_value = "info")]
     log: String,
@@ -80,6 +94,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(tls::watch_files(resolver, cert, key, Duration::from_secs(args.tls_reload_secs.max(1))));
     }
 
+    let (recorder, events_task) = events(&args).await?;
+
     let listener =
         tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding --addr {}", args.addr))?;
     let local = listener.local_addr().context("reading the listen address")?;
@@ -91,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
         inject,
         max_body_bytes: args.max_body_bytes,
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        recorder: recorder.clone(),
     });
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -100,5 +117,45 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     serve::serve(listener, config, settings, shutdown).await;
+    if let Some(task) = events_task {
+        if !task.finish(EVENTS_FLUSH).await {
+            tracing::warn!("the Events still queued after {EVENTS_FLUSH:?} were abandoned");
+        }
+        tracing::info!("events: {}", recorder.counts());
+    }
     Ok(())
+}
+
+/// How long the Events still queued at shutdown may take to be sent.
+const EVENTS_FLUSH: Duration = Duration::from_secs(5);
+
+/// The Event recorder `--events` asks for.
+async fn events(args: &Args) -> anyhow::Result<(Recorder, Option<recorder::Task>)> {
+    if args.events == Some(false) {
+        return Ok((Recorder::disabled(), None));
+    }
+    let config = match kube::Config::infer().await {
+        Ok(c) => c,
+        Err(e) if args.events == Some(true) => {
+            anyhow::bail!(
+                "--events: no Kubernetes config ({e}); run in a pod with a service-account token, set \
+                 KUBECONFIG, or pass --events=false"
+            )
+        }
+        Err(e) => {
+            tracing::info!("events off: no Kubernetes config ({e})");
+            return Ok((Recorder::disabled(), None));
+        }
+    };
+    let cluster = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).context("--events: making the Kubernetes client")?;
+    let instance = args
+        .pod_name
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| "neutrino-injector".to_string());
+    tracing::info!(%cluster, %instance, "events: skipped and denied pods are recorded as Kubernetes Events");
+    let (recorder, task) = Recorder::kube(client, instance, recorder::DEFAULT_QUEUE);
+    Ok((recorder, Some(task)))
 }

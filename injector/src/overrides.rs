@@ -33,9 +33,12 @@ pub const PROXY_MEMORY_REQUEST: &str = "config.neutrino.io/proxy-memory-request"
 pub const PROXY_MEMORY_LIMIT: &str = "config.neutrino.io/proxy-memory-limit";
 /// The proxy's log filter (`NEUTRINO_LOG`): `info`, `debug`, `neutrino_proxy=debug,info`, ...
 pub const LOG_LEVEL: &str = "config.neutrino.io/log-level";
+/// Where this pod's proxy exports traces (`OTEL_EXPORTER_OTLP_ENDPOINT`): an http(s) URL,
+/// or empty for no traces even when the injector's `--otlp-endpoint` is set.
+pub const OTLP_ENDPOINT: &str = "config.neutrino.io/otlp-endpoint";
 
 /// Every annotation under [`CONFIG_PREFIX`] the injector knows.
-pub const KNOWN: [&str; 10] = [
+pub const KNOWN: [&str; 11] = [
     SKIP_INBOUND_PORTS,
     SKIP_OUTBOUND_PORTS,
     INCLUDE_INBOUND_PORTS,
@@ -46,6 +49,7 @@ pub const KNOWN: [&str; 10] = [
     PROXY_MEMORY_REQUEST,
     PROXY_MEMORY_LIMIT,
     LOG_LEVEL,
+    OTLP_ENDPOINT,
 ];
 
 /// A bad `config.neutrino.io/*` annotation.
@@ -77,6 +81,8 @@ pub struct Overrides {
     pub memory_request: Option<String>,
     pub memory_limit: Option<String>,
     pub log_level: Option<String>,
+    /// `None`: the config's endpoint; `Some("")`: no traces; else this endpoint.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Overrides {
@@ -92,6 +98,7 @@ impl Default for Overrides {
             memory_request: None,
             memory_limit: None,
             log_level: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -127,6 +134,7 @@ pub fn parse(annotations: Option<&Map<String, Value>>) -> Result<Overrides, Anno
             PROXY_MEMORY_REQUEST => out.memory_request = Some(quantity_string(text).map_err(|r| err(text, r))?),
             PROXY_MEMORY_LIMIT => out.memory_limit = Some(quantity_string(text).map_err(|r| err(text, r))?),
             LOG_LEVEL => out.log_level = Some(log_level(text).map_err(|r| err(text, r))?),
+            OTLP_ENDPOINT => out.otlp_endpoint = Some(otlp_endpoint(text).map_err(|r| err(text, r))?),
             _ => {
                 let known = KNOWN.iter().map(|k| k.trim_start_matches(CONFIG_PREFIX)).collect::<Vec<_>>();
                 return Err(err(
@@ -232,6 +240,36 @@ pub fn quantity(s: &str) -> Result<f64, String> {
     Ok(value * scale)
 }
 
+/// Checks an OTLP/gRPC collector endpoint as the proxy's `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// takes it: `http://` or `https://`, a host, an optional port, nothing else odd. Empty is
+/// returned as is (it means no traces, where that is allowed).
+pub fn otlp_endpoint(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    let hint = "write an http(s) URL such as http://jaeger.neutrino-system.svc:4317";
+    let uri: http::Uri = s.parse().map_err(|e| format!("is not a URL ({e}); {hint}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => return Err(format!("has the scheme {other:?}; the proxy exports OTLP over gRPC: {hint}")),
+        None => return Err(format!("has no scheme; {hint}")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("has no host; {hint}"));
+    }
+    // A port the URI parser could not read as a number 1-65535 (`:99999`, `:0`).
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let has_port = authority.rsplit(']').next().is_some_and(|tail| tail.contains(':'));
+    if has_port && uri.port_u16().is_none_or(|p| p == 0) {
+        return Err(format!("has a port that is not 1-65535; {hint}"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) || uri.query().is_some() {
+        return Err(format!("has credentials or a query, which the exporter does not take; {hint}"));
+    }
+    Ok(s.to_string())
+}
+
 /// Checks a log filter as the proxy's `--log` takes it: comma-separated directives, each
 /// a level or `target=level` (levels: trace, debug, info, warn, error, off).
 pub fn log_level(s: &str) -> Result<String, String> {
@@ -284,6 +322,7 @@ mod tests {
             PROXY_MEMORY_REQUEST: "64Mi",
             PROXY_MEMORY_LIMIT: "1Gi",
             LOG_LEVEL: "neutrino_proxy=debug,info",
+            OTLP_ENDPOINT: "https://otel.example:4317",
         }))
         .expect("valid");
         assert_eq!(o.skip_inbound_ports, [22, 9090]);
@@ -293,6 +332,8 @@ mod tests {
         assert_eq!(o.skip_outbound_cidrs, ["169.254.169.254"]);
         assert_eq!(o.memory_limit.as_deref(), Some("1Gi"));
         assert_eq!(o.log_level.as_deref(), Some("neutrino_proxy=debug,info"));
+        assert_eq!(o.otlp_endpoint.as_deref(), Some("https://otel.example:4317"));
+        assert_eq!(parse_json(json!({OTLP_ENDPOINT: " "})).expect("off").otlp_endpoint.as_deref(), Some(""));
         let o = parse_json(json!({INCLUDE_INBOUND_PORTS: "*", INCLUDE_OUTBOUND_CIDRS: ""})).expect("valid");
         assert_eq!(o.include_inbound_ports, Select::All);
         assert_eq!(o.include_outbound_cidrs, Select::Only(vec![]));
@@ -346,6 +387,21 @@ mod tests {
         for bad in ["", "Mi", "1.2.3", "1mi", "1e", "1ex", "1 Mi", "--1", "."] {
             assert!(quantity(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn otlp_endpoints_are_http_urls() {
+        for ok in ["http://jaeger.neutrino-system.svc:4317", "https://otel.example", "http://[fd00::1]:4317", ""] {
+            assert!(otlp_endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in ["jaeger:4317", "grpc://jaeger:4317", "http://", "http://a b:4317", "http://h:99999", "http://h:0"] {
+            assert!(otlp_endpoint(bad).is_err(), "{bad}");
+        }
+        let e = parse_json(json!({OTLP_ENDPOINT: "jaeger:4317"})).expect_err("no scheme");
+        assert!(
+            e.to_string().starts_with("checking annotation config.neutrino.io/otlp-endpoint: \"jaeger:4317\""),
+            "{e}"
+        );
     }
 
     #[test]

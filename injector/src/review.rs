@@ -5,8 +5,11 @@
 //! with no patch. The response echoes the request's `uid` and carries the patch
 //! base64-encoded with `patchType: JSONPatch`. A skipped pod is allowed with a patch
 //! recording the reason (`neutrino.io/inject-skipped`) and a `warnings` entry saying
-//! why: a warning is what an API client sees (kubectl prints it); recording an Event
-//! would need API access, which the injector does not have.
+//! why (what an API client sees: kubectl prints it), and the answer carries the
+//! [`Event`] to record (`NeutrinoInjectionSkipped`); a denied pod's answer carries a
+//! `NeutrinoInjectionDenied` one. Recording it is the server's job, never waited for
+//! here. A dry run (`request.dryRun: true`) gets the same response but no Event: the
+//! webhook declares `sideEffects: NoneOnDryRun`.
 //!
 //! Failures: a body that is not an AdmissionReview v1 with a request and a uid is a
 //! [`ReviewError`] (the server answers HTTP 400 with its message), since there is no uid
@@ -22,6 +25,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 use crate::config::InjectConfig;
+use crate::event::Event;
 use crate::patch::{self, Outcome};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -57,12 +61,14 @@ pub enum Decision {
     Denied(String),
 }
 
-/// The answer: the AdmissionReview to send back with HTTP 200, and the decision.
+/// The answer: the AdmissionReview to send back with HTTP 200, the decision, and the
+/// Event to record about it, if any (never a reason to delay the answer).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
     pub uid: String,
     pub decision: Decision,
     pub body: Value,
+    pub event: Option<Event>,
 }
 
 fn respond(uid: &str, response: Value) -> Value {
@@ -79,7 +85,7 @@ fn deny(uid: &str, message: String) -> Answer {
             "status": {"status": "Failure", "message": message, "reason": "BadRequest", "code": 400},
         }),
     );
-    Answer { uid: uid.to_string(), decision: Decision::Denied(message), body }
+    Answer { uid: uid.to_string(), decision: Decision::Denied(message), body, event: None }
 }
 
 /// Is this request about a Pod itself (not a subresource such as `pods/exec`)?
@@ -115,8 +121,12 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<Answer, ReviewError> {
         _ => return Err(ReviewError::NoUid),
     };
 
-    let allow =
-        |decision: Decision| Answer { uid: uid.to_string(), decision, body: respond(uid, json!({"allowed": true})) };
+    let allow = |decision: Decision| Answer {
+        uid: uid.to_string(),
+        decision,
+        body: respond(uid, json!({"allowed": true})),
+        event: None,
+    };
     if !is_pod(request) || request["operation"] != "CREATE" {
         return Ok(allow(Decision::Ignored));
     }
@@ -128,16 +138,30 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<Answer, ReviewError> {
         None => return Ok(deny(uid, "request.object is missing: a Pod CREATE carries the Pod".into())),
     };
     let namespace = request["namespace"].as_str().filter(|n| !n.is_empty());
+    // Where an Event goes: the pod's namespace; none for a dry run (no side effects).
+    let event_namespace = if request["dryRun"] == json!(true) {
+        None
+    } else {
+        namespace.or_else(|| pod["metadata"]["namespace"].as_str().filter(|n| !n.is_empty()))
+    };
     let outcome = match patch::inject(pod, namespace, cfg) {
         Ok(o) => o,
-        Err(e) => return Ok(deny(uid, format!("neutrino sidecar injection: {e}"))),
-    };
-    let (decision, warnings) = match &outcome {
-        Outcome::Injected { .. } => (Decision::Injected, Vec::new()),
-        Outcome::AlreadyInjected => (Decision::AlreadyInjected, Vec::new()),
-        Outcome::Skipped { reason, .. } => {
-            (Decision::Skipped(reason.code().to_string()), vec![format!("neutrino: sidecar not injected: {reason}")])
+        Err(e) => {
+            let mut answer = deny(uid, format!("neutrino sidecar injection: {e}"));
+            if let (Some(ns), Decision::Denied(why)) = (event_namespace, &answer.decision) {
+                answer.event = Some(Event::denied(pod, ns, why));
+            }
+            return Ok(answer);
         }
+    };
+    let (decision, warnings, event) = match &outcome {
+        Outcome::Injected { .. } => (Decision::Injected, Vec::new(), None),
+        Outcome::AlreadyInjected => (Decision::AlreadyInjected, Vec::new(), None),
+        Outcome::Skipped { reason, .. } => (
+            Decision::Skipped(reason.code().to_string()),
+            vec![format!("neutrino: sidecar not injected: {reason}")],
+            event_namespace.map(|ns| Event::skipped(pod, ns, reason)),
+        ),
     };
     let mut response = json!({"allowed": true});
     let ops = outcome.patch();
@@ -152,7 +176,7 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<Answer, ReviewError> {
     if !warnings.is_empty() {
         response["warnings"] = json!(warnings);
     }
-    Ok(Answer { uid: uid.to_string(), decision, body: respond(uid, response) })
+    Ok(Answer { uid: uid.to_string(), decision, body: respond(uid, response), event })
 }
 
 #[cfg(test)]
@@ -220,6 +244,38 @@ mod tests {
         assert!(message.contains("config.neutrino.io/proxy-cpu-limit"), "{message}");
         let a = review(&request(json!({"object": null})), &cfg).expect("answer");
         assert_eq!(a.body["response"]["allowed"], false);
+    }
+
+    #[test]
+    fn skips_and_denials_carry_their_event_and_dry_runs_none() {
+        use crate::event::{EventType, REASON_DENIED, REASON_SKIPPED};
+        let cfg = InjectConfig::default();
+        let host = json!({"object": {"metadata": {"name": "h"}, "spec": {"hostNetwork": true, "containers": [{"name": "a"}]}}});
+        let e = review(&request(host.clone()), &cfg).expect("answer").event.expect("an event");
+        assert_eq!((e.reason, e.type_, e.namespace.as_str()), (REASON_SKIPPED, EventType::Normal, "default"));
+        assert_eq!((e.regarding.kind.as_str(), e.regarding.name.as_deref()), ("Pod", Some("h")));
+        assert!(e.note.contains("pod h (host-network)"), "{}", e.note);
+
+        let mut dry = host.clone();
+        dry["dryRun"] = json!(true);
+        let a = review(&request(dry), &cfg).expect("answer");
+        assert_eq!((a.decision, a.event), (Decision::Skipped("host-network".into()), None));
+
+        let bad = json!({"object": {"metadata": {"name": "b", "annotations": {"config.neutrino.io/log-level": "loud"}},
+                                    "spec": {"containers": [{"name": "a"}]}}});
+        let a = review(&request(bad), &cfg).expect("answer");
+        let e = a.event.expect("an event");
+        assert_eq!((e.reason, e.type_), (REASON_DENIED, EventType::Warning));
+        let Decision::Denied(why) = a.decision else { panic!("not denied") };
+        assert_eq!(e.note, format!("pod b denied: {why}"));
+        assert!(e.note.contains("config.neutrino.io/log-level"), "{}", e.note);
+
+        let mut no_ns = host;
+        no_ns["namespace"] = json!("");
+        assert_eq!(review(&request(no_ns), &cfg).expect("answer").event, None, "nowhere to record it");
+        for quiet in [json!({}), json!({"operation": "UPDATE"}), json!({"object": null})] {
+            assert_eq!(review(&request(quiet.clone()), &cfg).expect("answer").event, None, "{quiet}");
+        }
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! 10 s, bodies 30 s. On shutdown the listener closes and open connections are drained
 //! gracefully for up to the drain timeout.
 //!
+//! The Event an answer carries (a skipped or denied pod) is handed to the recorder, which
+//! queues it without waiting: the answer never waits for the Kubernetes API.
+//!
 //! This module must not decide anything about pods: it moves bytes to and from `review`.
 
 use std::convert::Infallible;
@@ -27,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::InjectConfig;
+use crate::recorder::Recorder;
 use crate::review::{self, Decision};
 
 /// The default request body limit: 4 MiB (the API server's own limit is 3 MiB per object).
@@ -41,6 +45,8 @@ pub struct Settings {
     pub inject: InjectConfig,
     pub max_body_bytes: usize,
     pub drain_timeout: Duration,
+    /// Where the answers' Events go (disabled: nowhere).
+    pub recorder: Recorder,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -129,10 +135,13 @@ async fn mutate(req: Request<Incoming>, settings: &Settings) -> Response<Full<By
         Err(BodyError::Read(e)) => return text(StatusCode::BAD_REQUEST, format!("reading the request body: {e}")),
     };
     match review::review(&body, &settings.inject) {
-        Ok(answer) => {
+        Ok(mut answer) => {
             match &answer.decision {
                 Decision::Denied(why) => tracing::warn!(uid = %answer.uid, "denied: {why}"),
                 d => tracing::info!(uid = %answer.uid, decision = ?d, "reviewed"),
+            }
+            if let Some(event) = answer.event.take() {
+                settings.recorder.record(event);
             }
             match serde_json::to_vec(&answer.body) {
                 Ok(json) => reply(StatusCode::OK, "application/json", json),

@@ -126,7 +126,8 @@ mod tests {
     #[test]
     fn uninject_reverses_inject_exactly() {
         let legacy = InjectConfig { sidecar_mode: SidecarMode::Legacy, ..InjectConfig::default() };
-        for cfg in [InjectConfig::default(), legacy] {
+        let traced = InjectConfig { otlp_endpoint: Some("http://jaeger:4317".into()), ..InjectConfig::default() };
+        for cfg in [InjectConfig::default(), legacy, traced] {
             round_trip(json!({"spec": {"containers": [{"name": "a"}]}}), &cfg);
             round_trip(
                 json!({
@@ -140,6 +141,13 @@ mod tests {
                 &cfg,
             );
             round_trip(json!({"metadata": {}, "spec": {"containers": [{"name": "a"}], "initContainers": []}}), &cfg);
+            round_trip(
+                json!({
+                    "metadata": {"annotations": {"config.neutrino.io/otlp-endpoint": "https://otel:4317"}},
+                    "spec": {"containers": [{"name": "a"}]},
+                }),
+                &cfg,
+            );
         }
     }
 

@@ -24,6 +24,13 @@ fn legacy() -> InjectConfig {
     InjectConfig { sidecar_mode: SidecarMode::Legacy, ..InjectConfig::default() }
 }
 
+const OTLP: &str = "http://jaeger.neutrino-system.svc:4317";
+
+/// `--otlp-endpoint` set (not in the golden files: the default injects no tracing).
+fn traced() -> InjectConfig {
+    InjectConfig { otlp_endpoint: Some(OTLP.into()), ..InjectConfig::default() }
+}
+
 fn stem(path: &Path) -> String {
     path.file_stem().and_then(|s| s.to_str()).expect("file name").to_string()
 }
@@ -96,7 +103,7 @@ fn injecting_twice_changes_nothing() {
 
 #[test]
 fn uninject_restores_every_manifest() {
-    for cfg in [InjectConfig::default(), legacy()] {
+    for cfg in [InjectConfig::default(), legacy(), traced()] {
         for path in shared_files("k8s") {
             let original = read(&path);
             let (injected, _) = manifest::inject_stream(&original, &cfg).expect("injects");
@@ -168,4 +175,41 @@ fn existing_init_containers_and_native_sidecars_keep_their_order_after_ours() {
     let (init, containers) = case("istio-inject-multi-init.yaml", &legacy());
     assert_eq!(init, ["init-one", "init-two", INIT_CONTAINER]);
     assert_eq!(containers, [PROXY_CONTAINER, "hello"]);
+}
+
+#[test]
+fn the_otlp_endpoint_reaches_every_injected_proxy_and_nothing_else() {
+    for path in shared_files("k8s") {
+        let (plain, _) = manifest::inject_stream(&read(&path), &InjectConfig::default()).expect("injects");
+        let (out, _) = manifest::inject_stream(&read(&path), &traced()).expect("injects");
+        let (plain, out) = (docs(&plain), docs(&out));
+        for (plain_doc, doc) in plain.iter().zip(&out) {
+            for (plain_pod, pod) in pods(plain_doc).into_iter().zip(pods(doc)) {
+                let spec = &pod["spec"];
+                let proxies: Vec<&Value> = ["initContainers", "containers"]
+                    .iter()
+                    .flat_map(|l| spec[*l].as_array().into_iter().flatten())
+                    .filter(|c| c["name"] == PROXY_CONTAINER)
+                    .collect();
+                let mut expected = plain_pod.clone();
+                for proxy in proxies {
+                    let env = proxy["env"].as_array().expect("env");
+                    assert_eq!(env.last().expect("env")["name"], "OTEL_EXPORTER_OTLP_ENDPOINT", "{}", path.display());
+                    assert_eq!(env.last().expect("env")["value"], OTLP);
+                    // Without that one variable the pod is what the default injects.
+                    let list = if spec["initContainers"].as_array().is_some_and(|l| l.contains(proxy)) {
+                        "initContainers"
+                    } else {
+                        "containers"
+                    };
+                    let at = spec[list].as_array().expect("list").iter().position(|c| c == proxy).expect("proxy");
+                    let mut trimmed = proxy.clone();
+                    trimmed["env"].as_array_mut().expect("env").pop();
+                    assert_eq!(expected["spec"][list][at], trimmed, "{}", path.display());
+                    expected["spec"][list][at] = proxy.clone();
+                }
+                assert_eq!(&expected, pod, "{}: only the proxy's env differs", path.display());
+            }
+        }
+    }
 }

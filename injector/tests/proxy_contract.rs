@@ -56,3 +56,19 @@ fn the_environment_is_what_the_proxy_reads() {
     // Provided for what comes next (identity, issue 7; locality): these three.
     assert_eq!(unread, ["NEUTRINO_POD_IP", "NEUTRINO_NODE_NAME", "NEUTRINO_TOKEN_FILE"]);
 }
+
+#[test]
+fn the_otlp_endpoint_variable_is_the_one_the_proxy_exports_to() {
+    let trace = proxy_source("telemetry/trace.rs");
+    assert!(trace.contains(&format!("var(\"{}\")", containers::OTLP_ENDPOINT_ENV)), "the proxy no longer reads it");
+    assert!(trace.contains("with_service_name(\"neutrino-proxy\")"), "the default service name moved");
+    let cfg = InjectConfig {
+        otlp_endpoint: Some("http://jaeger.neutrino-system.svc:4317".into()),
+        ..InjectConfig::default()
+    };
+    let proxy = containers::proxy_container(&cfg, &Overrides::default()).expect("container");
+    let env = proxy["env"].as_array().expect("env");
+    let otlp: Vec<_> = env.iter().filter(|e| e["name"] == containers::OTLP_ENDPOINT_ENV).collect();
+    assert_eq!(otlp.len(), 1);
+    assert_eq!(otlp[0]["value"], "http://jaeger.neutrino-system.svc:4317");
+}

@@ -5,13 +5,13 @@
 //! echoed uid, and the decoded patch applied to the review's pod.
 
 mod common;
+#[path = "common/server.rs"]
+mod server;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,52 +21,20 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 use common::{names, read, shared, shared_files};
-
-struct Injector {
-    child: Child,
-    addr: SocketAddr,
-    ca_pem: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Injector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use server::{Injector, listening, tls};
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_neutrino-injector"))
-        .args(["--addr", "127.0.0.1:0", "--log", "warn"])
+        .args(["--addr", "127.0.0.1:0", "--log", "warn", "--events=false"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn neutrino-injector")
-}
-
-/// Waits for the `listening on https://ADDR` line.
-fn listening(child: &mut Child) -> SocketAddr {
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(Duration::from_secs(30)).expect("the injector starts within 30 s");
-    line.trim().strip_prefix("listening on https://").and_then(|a| a.parse().ok()).unwrap_or_else(|| {
-        panic!("unexpected first line {line:?}");
-    })
 }
 
 /// Starts the injector with a generated certificate and reads the CA it wrote.
@@ -116,22 +84,6 @@ impl Reply {
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
-}
-
-async fn tls(addr: SocketAddr, ca_pem: &str, h2: bool) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.expect("CA pem")).expect("CA added");
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("protocols")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let name = ServerName::try_from("localhost").expect("name");
-    TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())
 }
 
 async fn send<B>(inj: (&SocketAddr, &str), h2: bool, req: Request<B>) -> Result<Reply, String>

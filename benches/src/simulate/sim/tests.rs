@@ -1,3 +1,5 @@
+//! Tests of whole runs: determinism, light load, a fast-failing node.
+
 use super::*;
 use crate::scenarios;
 

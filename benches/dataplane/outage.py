@@ -1,21 +1,23 @@
 #!/usr/bin/env python3
-"""Request log vs a failing Redis: does a request ever wait for the log? Run it through
-run.sh:  bash benches/dataplane/run.sh redis-outage
+"""Telemetry sinks failing: does a request ever wait for the request log or the trace
+exporter? Run it through run.sh:  bash benches/dataplane/run.sh outage
 
-Starts, on 127.0.0.1: the backend nginx, the release control plane, and two outbound
-proxies in front of the same backend: one without a request log (the reference) and one
-writing every request to a real redis-server. Then, at a fixed rate (oha,
-latency-corrected, 64 connections, half of the logging proxy's measured maximum), it
-measures the logging proxy's latency in four phases, each next to the reference proxy at
-the same rate:
+Starts, on 127.0.0.1: the backend nginx, the release control plane, and outbound proxies in
+front of the same backend: one without telemetry (the reference), one writing every request
+to a real redis-server (the request log), and two exporting traces over OTLP: one to a
+collector that refuses connections (down), one to a collector that accepts and never
+answers (hanging). At a fixed rate (oha, latency-corrected, 64 connections, half of the
+logging proxy's measured maximum) it measures, each next to the reference at the same rate:
 
   1. Redis up;
   2. Redis stalled (SIGSTOP: connections open, nothing answers: the slow case);
   3. Redis killed (connections refused);
-  4. Redis back (restarted on the same port).
+  4. Redis back (restarted on the same port);
+  5. traces to a collector that is down;
+  6. traces to a collector that hangs.
 
-For each phase it reports p50/p99/p99.9, errors, and the request-log counters (records
-written and dropped). Results: benches/results/redis-outage.md.
+For each phase: p50/p99/p99.9, errors, and the sink's counters (records written/dropped;
+spans exported/dropped). Results: benches/results/outage.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import atexit
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,8 +40,11 @@ from bench import (LO, BenchError, Procs, Target, log, mesh_yaml, oha, oha_bin, 
                    wait_ready, wait_tcp, wrk)
 
 P = {"backend": 18080, "backend_h2": 18082, "cp_grpc": 18610, "cp_admin": 18614, "redis": 18699,
+     "otlp_down": 18697, "otlp_hang": 18698,
      "ref_out": 18380, "ref_in": 18381, "ref_admin": 18390,
-     "log_out": 18480, "log_in": 18481, "log_admin": 18490}
+     "log_out": 18480, "log_in": 18481, "log_admin": 18490,
+     "down_out": 18580, "down_in": 18581, "down_admin": 18590,
+     "hang_out": 18780, "hang_in": 18781, "hang_admin": 18790}
 
 
 def counters(admin: int) -> dict[str, float]:
@@ -46,7 +52,7 @@ def counters(admin: int) -> dict[str, float]:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
-        for k in ("request_log_written", "request_log_dropped"):
+        for k in ("request_log_written", "request_log_dropped", "trace_spans_exported", "trace_spans_dropped"):
             if line.startswith(f"neutrino_proxy_{k}_total "):
                 out[k] = float(line.split()[-1])
     return out
@@ -66,7 +72,7 @@ def main() -> int:
     ap.add_argument("--workers", default=os.environ.get("NEUTRINO_WORKERS", "1"))
     a = ap.parse_args()
     root = a.root.resolve()
-    out = root / "benches" / "results" / "redis-outage.md"
+    out = root / "benches" / "results" / "outage.md"
     D = a.duration
     if not shutil.which("redis-server"):
         raise SystemExit("redis-server not found; run.sh installs it (apt-get install redis-server)")
@@ -101,16 +107,28 @@ def main() -> int:
                                       "--grpc-addr", f"{LO}:{P['cp_grpc']}", "--admin-addr", f"{LO}:{P['cp_admin']}",
                                       "--log", "warn"], tmp)
         wait_ready("control plane", P["cp_admin"], procs)
+        # The hanging collector: accepts connections and never answers (the kernel's
+        # backlog accepts them; nothing reads).
+        hang = socket.socket()
+        hang.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hang.bind((LO, P["otlp_hang"]))
+        hang.listen(1024)
         env = {"TOKIO_WORKER_THREADS": a.workers} if a.workers else {}
         pids = {}
-        for name, extra in (("ref", []), ("log", ["--redis-url", f"redis://{LO}:{P['redis']}"])):
+        for name, extra, more_env in (
+                ("ref", [], {}),
+                ("log", ["--redis-url", f"redis://{LO}:{P['redis']}"], {}),
+                ("down", ["--otlp-endpoint", f"http://{LO}:{P['otlp_down']}"], {}),
+                ("hang", ["--otlp-endpoint", f"http://{LO}:{P['otlp_hang']}"], {})):
             pids[name] = procs.start(f"proxy-{name}", [
                 str(rel / "neutrino-proxy"), "--control-plane", f"{LO}:{P['cp_grpc']}", "--pod", f"bench-{name}",
                 "--admin-addr", f"{LO}:{P[name + '_admin']}", "--outbound-addr", f"{LO}:{P[name + '_out']}",
-                "--inbound-addr", f"{LO}:{P[name + '_in']}", "--log", "warn", *extra], tmp, env).pid
+                "--inbound-addr", f"{LO}:{P[name + '_in']}", "--log", "warn", *extra], tmp, {**env, **more_env}).pid
             wait_ready(f"proxy {name}", P[name + "_admin"], procs)
-        ref = Target("ref", "no request log", P["ref_out"], P["ref_out"], "bench.default", [pids["ref"]])
+        ref = Target("ref", "no telemetry", P["ref_out"], P["ref_out"], "bench.default", [pids["ref"]])
         logging = Target("log", "request log to Redis", P["log_out"], P["log_out"], "bench.default", [pids["log"]])
+        tracing = {k: Target(k, f"traces, collector {k}", P[k + "_out"], P[k + "_out"], "bench.default", [pids[k]])
+                   for k in ("down", "hang")}
 
         log("measuring the logging proxy's maximum (wrk, 64 connections)")
         wrk(logging, 64, 2)
@@ -119,17 +137,20 @@ def main() -> int:
 
         rows = []
 
-        def phase(name: str) -> None:
+        def phase(name: str, t: Target = logging, sink: str = "request_log") -> None:
             procs.check_alive()
-            before = counters(P["log_admin"])
-            r = oha(logging, rate, D, 64)
-            after = counters(P["log_admin"])
+            admin = P[t.key + "_admin"]
+            done, lost = (f"{sink}_written", f"{sink}_dropped") if sink == "request_log" else \
+                (f"{sink}_exported", f"{sink}_dropped")
+            before = counters(admin)
+            r = oha(t, rate, D, 64)
+            after = counters(admin)
             base = oha(ref, rate, D, 64)
-            r["written"] = after.get("request_log_written", 0) - before.get("request_log_written", 0)
-            r["dropped"] = after.get("request_log_dropped", 0) - before.get("request_log_dropped", 0)
+            r["written"] = after.get(done, 0) - before.get(done, 0)
+            r["dropped"] = after.get(lost, 0) - before.get(lost, 0)
             rows.append((name, r, base))
             log(f"  {name}: p50 {r['p50']:.0f} µs, p99 {r['p99']:.0f} µs, p99.9 {r['p99.9']:.0f} µs, errors {r['bad']}, "
-                f"log written {r['written']:.0f}, dropped {r['dropped']:.0f} (reference p99 {base['p99']:.0f} µs)")
+                f"sink written {r['written']:.0f}, dropped {r['dropped']:.0f} (reference p99 {base['p99']:.0f} µs)")
 
         log("phase 1: Redis up")
         phase("Redis up")
@@ -154,15 +175,20 @@ def main() -> int:
             if counters(P["log_admin"]).get("request_log_written", 0) > c0:
                 break
         phase("Redis back")
+        log("phase 5: traces to a collector that is down")
+        phase("traces, collector down", tracing["down"], "trace_spans")
+        log("phase 6: traces to a collector that hangs")
+        phase("traces, collector hanging", tracing["hang"], "trace_spans")
 
         up = rows[0][1]
-        L = ["# Request log vs a failing Redis", "",
-             f"Reproduce: `bash benches/dataplane/run.sh redis-outage` ({time.strftime('%Y-%m-%d')}, "
+        L = ["# Telemetry sinks failing: request log (Redis) and traces (OTLP)", "",
+             f"Reproduce: `bash benches/dataplane/run.sh outage` ({time.strftime('%Y-%m-%d')}, "
              f"{os.cpu_count()} cores, {D:.0f} s per phase at {rate:,} req/s, 64 connections, oha latency-corrected; "
              f"TOKIO_WORKER_THREADS={a.workers or 'unset'}).", "",
-             "The logging proxy writes one record per request to Redis; the reference proxy has no log. Each phase "
-             "measures both at the same rate, one after the other.", "",
-             "| phase | p50 µs | p99 µs | p99.9 µs | p99 vs Redis up | errors | records written | records dropped "
+             "Phases 1-4: the proxy writing one record per request to Redis; phases 5-6: proxies exporting one span "
+             "per request over OTLP to a collector that is down or hangs. The reference proxy has no telemetry. Each "
+             "phase measures the telemetry proxy and the reference at the same rate, one after the other.", "",
+             "| phase | p50 µs | p99 µs | p99.9 µs | p99 vs Redis up | errors | records/spans sent | dropped "
              "| reference p50 / p99 µs |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r, base in rows:
             L.append(f"| {name} | {r['p50']:.0f} | {r['p99']:.0f} | {r['p99.9']:.0f} | {r['p99'] / up['p99']:.2f}x | "
