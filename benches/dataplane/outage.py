@@ -4,8 +4,8 @@ exporter? Run it through run.sh:  bash benches/dataplane/run.sh outage
 
 Starts, on 127.0.0.1: the backend nginx, the release control plane, and outbound proxies in
 front of the same backend: one without telemetry (the reference), one writing every request
-to a real redis-server (the request log), and two exporting traces over OTLP: one to a
-collector that refuses connections (down), one to a collector that accepts and never
+to a real redis-server (the request log), and three exporting traces over OTLP: to a working
+collector, to one that refuses connections (down), and to one that accepts and never
 answers (hanging). At a fixed rate (oha, latency-corrected, 64 connections, half of the
 logging proxy's measured maximum) it measures, each next to the reference at the same rate:
 
@@ -13,8 +13,9 @@ logging proxy's measured maximum) it measures, each next to the reference at the
   2. Redis stalled (SIGSTOP: connections open, nothing answers: the slow case);
   3. Redis killed (connections refused);
   4. Redis back (restarted on the same port);
-  5. traces to a collector that is down;
-  6. traces to a collector that hangs.
+  5. traces to a working collector (otlp_sink.py: the baseline of tracing on);
+  6. traces to a collector that is down;
+  7. traces to a collector that hangs.
 
 For each phase: p50/p99/p99.9, errors, and the sink's counters (records written/dropped;
 spans exported/dropped). Results: benches/results/outage.md.
@@ -40,9 +41,10 @@ from bench import (LO, BenchError, Procs, Target, log, mesh_yaml, oha, oha_bin, 
                    wait_ready, wait_tcp, wrk)
 
 P = {"backend": 18080, "backend_h2": 18082, "cp_grpc": 18610, "cp_admin": 18614, "redis": 18699,
-     "otlp_down": 18697, "otlp_hang": 18698,
+     "otlp_up": 18696, "otlp_down": 18697, "otlp_hang": 18698,
      "ref_out": 18380, "ref_in": 18381, "ref_admin": 18390,
      "log_out": 18480, "log_in": 18481, "log_admin": 18490,
+     "up_out": 18880, "up_in": 18881, "up_admin": 18890,
      "down_out": 18580, "down_in": 18581, "down_admin": 18590,
      "hang_out": 18780, "hang_in": 18781, "hang_admin": 18790}
 
@@ -113,11 +115,16 @@ def main() -> int:
         hang.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         hang.bind((LO, P["otlp_hang"]))
         hang.listen(1024)
+        # A working collector (otlp_sink.py: accepts every export), for the baseline of tracing on.
+        procs.start("otlp-sink", [sys.executable, str(Path(__file__).resolve().parent / "otlp_sink.py"),
+                                  "--port", str(P["otlp_up"])], tmp)
+        wait_tcp("the OTLP sink", P["otlp_up"], procs)
         env = {"TOKIO_WORKER_THREADS": a.workers} if a.workers else {}
         pids = {}
         for name, extra, more_env in (
                 ("ref", [], {}),
                 ("log", ["--redis-url", f"redis://{LO}:{P['redis']}"], {}),
+                ("up", ["--otlp-endpoint", f"http://{LO}:{P['otlp_up']}"], {}),
                 ("down", ["--otlp-endpoint", f"http://{LO}:{P['otlp_down']}"], {}),
                 ("hang", ["--otlp-endpoint", f"http://{LO}:{P['otlp_hang']}"], {})):
             pids[name] = procs.start(f"proxy-{name}", [
@@ -128,7 +135,7 @@ def main() -> int:
         ref = Target("ref", "no telemetry", P["ref_out"], P["ref_out"], "bench.default", [pids["ref"]])
         logging = Target("log", "request log to Redis", P["log_out"], P["log_out"], "bench.default", [pids["log"]])
         tracing = {k: Target(k, f"traces, collector {k}", P[k + "_out"], P[k + "_out"], "bench.default", [pids[k]])
-                   for k in ("down", "hang")}
+                   for k in ("up", "down", "hang")}
 
         log("measuring the logging proxy's maximum (wrk, 64 connections)")
         wrk(logging, 64, 2)
@@ -175,9 +182,11 @@ def main() -> int:
             if counters(P["log_admin"]).get("request_log_written", 0) > c0:
                 break
         phase("Redis back")
-        log("phase 5: traces to a collector that is down")
+        log("phase 5: traces to a working collector")
+        phase("traces, collector up", tracing["up"], "trace_spans")
+        log("phase 6: traces to a collector that is down")
         phase("traces, collector down", tracing["down"], "trace_spans")
-        log("phase 6: traces to a collector that hangs")
+        log("phase 7: traces to a collector that hangs")
         phase("traces, collector hanging", tracing["hang"], "trace_spans")
 
         up = rows[0][1]
@@ -185,8 +194,8 @@ def main() -> int:
              f"Reproduce: `bash benches/dataplane/run.sh outage` ({time.strftime('%Y-%m-%d')}, "
              f"{os.cpu_count()} cores, {D:.0f} s per phase at {rate:,} req/s, 64 connections, oha latency-corrected; "
              f"TOKIO_WORKER_THREADS={a.workers or 'unset'}).", "",
-             "Phases 1-4: the proxy writing one record per request to Redis; phases 5-6: proxies exporting one span "
-             "per request over OTLP to a collector that is down or hangs. The reference proxy has no telemetry. Each "
+             "Phases 1-4: the proxy writing one record per request to Redis; phases 5-7: proxies exporting one span "
+             "per request over OTLP to a working collector, one that is down, one that hangs. The reference proxy has no telemetry. Each "
              "phase measures the telemetry proxy and the reference at the same rate, one after the other.", "",
              "| phase | p50 µs | p99 µs | p99.9 µs | p99 vs Redis up | errors | records/spans sent | dropped "
              "| reference p50 / p99 µs |", "|---|---|---|---|---|---|---|---|---|"]
