@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, missing_debug_implementations)]
 
 pub mod backend;
+pub mod kube_api;
 pub mod llhttp;
 pub mod netns;
 

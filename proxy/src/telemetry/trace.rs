@@ -11,15 +11,15 @@
 //!
 //! Nothing here may slow or fail a request. Ending a span hands it to a bounded queue
 //! without waiting: when the queue is full the span is dropped and counted. The SDK's
-//! batch processor drains the queue on its own thread; each export runs on the tokio
-//! runtime (tonic needs it) under a short deadline, and spans of a failed or timed-out
-//! export are dropped and counted too. Metrics: `trace_spans_exported`,
+//! batch processor drains the queue on its own thread; each export (encoding and gRPC)
+//! runs on a one-thread tokio runtime of its own (`trace_export`), under a short
+//! deadline, and spans of a failed or timed-out export are dropped and counted too. Metrics: `trace_spans_exported`,
 //! `trace_spans_dropped` (queue full + lost in failed exports), `trace_export_failures`.
 //! It must not change a request beyond its trace headers, nor decide where it goes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -29,14 +29,13 @@ use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer 
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_propagator_b3::B3Encoding;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
-};
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanExporter};
 use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
 
+pub use super::trace_export::ExportRuntime;
+use super::trace_export::{Bounded, OnRuntime};
 use crate::route::{Operation, ServiceEntry};
 use crate::select::Choice;
 use crate::select::endpoints::Endpoint;
@@ -129,8 +128,8 @@ fn env_usize(key: &str) -> Option<usize> {
 }
 
 impl Tracing {
-    /// Starts the OTLP/gRPC exporter and the batch processor. Must be called on the
-    /// tokio runtime: exports run on it.
+    /// Starts the OTLP/gRPC exporter and the batch processor. Exports run on a runtime of
+    /// their own (one thread), never on the threads that serve requests.
     pub fn start(settings: &Settings, counters: Counters) -> Result<Tracing, TraceError> {
         use opentelemetry_otlp::{WithExportConfig, WithTonicConfig as _};
         let timeout = env_ms(&["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"])
@@ -141,7 +140,9 @@ impl Tracing {
         }
         // The deadline bounds an export whole; the processor's queue absorbs the rest.
         builder = builder.with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled());
-        let exporter = builder.build().map_err(|e| TraceError::Exporter(e.to_string()))?;
+        let runtime = ExportRuntime::new().map_err(|e| TraceError::Exporter(e.to_string()))?;
+        // Built inside the export runtime, so the gRPC channel's own tasks run there too.
+        let exporter = runtime.enter(|| builder.build()).map_err(|e| TraceError::Exporter(e.to_string()))?;
         let mut resource = Resource::builder();
         // A default only: OTEL_SERVICE_NAME, or service.name in OTEL_RESOURCE_ATTRIBUTES, wins.
         let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
@@ -158,12 +159,13 @@ impl Tracing {
                 KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
             ])
             .build();
-        Ok(Tracing::with_exporter(exporter, resource, counters, timeout, &settings.instance))
+        Ok(Tracing::with_exporter(exporter, runtime, resource, counters, timeout, &settings.instance))
     }
 
-    /// The tracer over any exporter (tests use an in-process one).
+    /// The tracer over any exporter (tests use an in-process one), exporting on `runtime`.
     pub fn with_exporter<E: SpanExporter + 'static>(
         exporter: E,
+        runtime: ExportRuntime,
         resource: Resource,
         counters: Counters,
         timeout: Duration,
@@ -171,14 +173,7 @@ impl Tracing {
     ) -> Tracing {
         let queue = env_usize("OTEL_BSP_MAX_QUEUE_SIZE").unwrap_or(DEFAULT_QUEUE);
         let pending = Arc::new(AtomicUsize::new(0));
-        let exporter = OnRuntime {
-            inner: Arc::new(exporter),
-            runtime: tokio::runtime::Handle::current(),
-            timeout: timeout + Duration::from_millis(100),
-            pending: Arc::clone(&pending),
-            counters: counters.clone(),
-            failing: AtomicBool::new(false),
-        };
+        let exporter = OnRuntime::new(exporter, runtime, timeout + Duration::from_millis(100), &pending, &counters);
         // The rest of the batch settings (OTEL_BSP_SCHEDULE_DELAY, ..._MAX_EXPORT_BATCH_SIZE)
         // come from the environment.
         let config = BatchConfigBuilder::default().with_max_queue_size(queue).build();
@@ -417,106 +412,15 @@ impl Injector for HeadersMut<'_> {
     }
 }
 
-/// The processor in front of the SDK's batch processor: a span that ends when
-/// `queue` spans already wait for export is dropped and counted, never waited for.
-/// (The SDK's processor drops too when its queue is full, but does not say how many.)
-#[derive(Debug)]
-struct Bounded {
-    inner: BatchSpanProcessor,
-    /// Spans handed to `inner` and not yet given to the exporter.
-    pending: Arc<AtomicUsize>,
-    queue: usize,
-    counters: Counters,
-}
-
-impl SpanProcessor for Bounded {
-    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
-        self.inner.on_start(span, cx);
-    }
-
-    fn on_end(&self, span: SpanData) {
-        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.queue {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            self.counters.dropped.inc();
-            return;
-        }
-        self.inner.on_end(span);
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.inner.set_resource(resource);
-    }
-}
-
-/// Runs each export of `inner` on the tokio runtime, under a deadline, and counts the
-/// outcome. The batch processor's thread waits for it; requests never do.
-#[derive(Debug)]
-struct OnRuntime<E> {
-    inner: Arc<E>,
-    runtime: tokio::runtime::Handle,
-    timeout: Duration,
-    pending: Arc<AtomicUsize>,
-    counters: Counters,
-    /// Whether the last export failed: logged on change only.
-    failing: AtomicBool,
-}
-
-impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let n = batch.len();
-        self.pending.fetch_sub(n, Ordering::AcqRel);
-        let inner = Arc::clone(&self.inner);
-        let timeout = self.timeout;
-        let outcome = self
-            .runtime
-            .spawn(async move { tokio::time::timeout(timeout, inner.export(batch)).await })
-            .await
-            .map_err(|e| OTelSdkError::InternalFailure(e.to_string()))
-            .and_then(|r| r.map_err(|_| OTelSdkError::Timeout(timeout)))
-            .and_then(|r| r);
-        match &outcome {
-            Ok(()) => {
-                self.counters.exported.inc_by(n as u64);
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!("traces: exporting again");
-                }
-            }
-            Err(e) => {
-                self.counters.export_failures.inc();
-                self.counters.dropped.inc_by(n as u64);
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!("traces: export failed, {n} spans dropped: {e} (further failures are counted only)");
-                }
-            }
-        }
-        outcome
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.set_resource(resource),
-            None => tracing::warn!("traces: the resource could not be set on the exporter"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+    use opentelemetry_sdk::trace::SpanData;
 
     use super::*;
 
@@ -538,7 +442,15 @@ mod tests {
     }
 
     fn tracing(exporter: Memory, counters: Counters) -> Tracing {
-        Tracing::with_exporter(exporter, Resource::builder_empty().build(), counters, Duration::from_secs(1), "a.ns")
+        let runtime = ExportRuntime::new().expect("export runtime");
+        Tracing::with_exporter(
+            exporter,
+            runtime,
+            Resource::builder_empty().build(),
+            counters,
+            Duration::from_secs(1),
+            "a.ns",
+        )
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
