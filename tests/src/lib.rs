@@ -338,6 +338,38 @@ impl Proxy {
     }
 }
 
+/// A mesh file with one HTTP service `web` (port 80) whose routes come from `spec` (an
+/// OpenAPI document, written next to it) and whose endpoints are the given loopback
+/// ports and pod names, each with 4 CPUs and 8 GiB.
+pub struct WebMesh {
+    pub file: MeshFile,
+    _spec: tempfile::TempDir,
+}
+
+impl WebMesh {
+    pub fn new(spec: &str, endpoints: &[(u16, &str)]) -> WebMesh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("web.yaml"), spec).expect("write the OpenAPI document");
+        let endpoints: String = endpoints
+            .iter()
+            .map(|(port, name)| {
+                format!(
+                    "      - {{address: 127.0.0.1, port: {port}, name: {name}, capacity: {{cpu: 4, memory: 8Gi}}}}\n"
+                )
+            })
+            .collect();
+        let text = format!(
+            "services:\n  - name: web\n    ports: [{{port: 80, protocol: http}}]\n    openapi: {}\n    endpoints:\n{endpoints}",
+            dir.path().join("web.yaml").display()
+        );
+        WebMesh { file: MeshFile::new(&text), _spec: dir }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.file.path()
+    }
+}
+
 /// A backend pod's sidecar: its inbound listener on the endpoint's port, forwarding to
 /// the app (`--inbound-app-addr`, as nothing redirects here), named after the pod.
 pub struct Sidecar {

@@ -34,13 +34,8 @@ async fn call(proxy_port: u16, args: &[&str]) -> (u16, String, String) {
 #[tokio::test]
 async fn each_caller_sees_the_others_load_through_the_backends_proxy() {
     let app = Backend::start("web-0").await;
-    let spec = tempfile::tempdir().unwrap();
-    std::fs::write(spec.path().join("web.yaml"), SPEC).unwrap();
     let sidecar_inbound = free_port();
-    let mesh = MeshFile::new(&format!(
-        "services:\n  - name: web\n    ports: [{{port: 80, protocol: http}}]\n    openapi: {}\n    endpoints:\n      - {{address: 127.0.0.1, port: {sidecar_inbound}, name: web-0, capacity: {{cpu: 4, memory: 8Gi}}}}\n",
-        spec.path().join("web.yaml").display()
-    ));
+    let mesh = WebMesh::new(SPEC, &[(sidecar_inbound, "web-0")]);
     // No pushes of live load during the test: only the header can tell B.
     let cp = ControlPlane::start(&mesh.path(), &["--capacity-interval-ms", "600000"]);
     // The backend's sidecar: inbound on the endpoint's port, forwarding to the app.

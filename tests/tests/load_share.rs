@@ -59,22 +59,6 @@ impl Drop for Held {
     }
 }
 
-fn mesh(ports: &[(u16, &str)]) -> (MeshFile, tempfile::TempDir) {
-    let spec = tempfile::tempdir().unwrap();
-    std::fs::write(spec.path().join("web.yaml"), SPEC).unwrap();
-    let endpoints: String = ports
-        .iter()
-        .map(|(port, name)| {
-            format!("      - {{address: 127.0.0.1, port: {port}, name: {name}, capacity: {{cpu: 4, memory: 8Gi}}}}\n")
-        })
-        .collect();
-    let text = format!(
-        "services:\n  - name: web\n    ports: [{{port: 80, protocol: http}}]\n    openapi: {}\n    endpoints:\n{endpoints}",
-        spec.path().join("web.yaml").display()
-    );
-    (MeshFile::new(&text), spec)
-}
-
 /// The Capacity a replica pushes for default/web right now: cpu ppm by endpoint port.
 async fn pushed(cp_grpc: u16) -> anyhow::Result<BTreeMap<u16, u32>> {
     let mut client = DiscoveryClient::connect(format!("http://127.0.0.1:{cp_grpc}")).await?;
@@ -119,7 +103,7 @@ async fn ready_detail(cp: &ControlPlane) -> String {
 async fn replicas_share_load_through_redis_and_survive_losing_it() {
     let mut redis = RedisServer::start().await;
     let (p0, p1) = (free_port(), free_port());
-    let (mesh, _spec) = mesh(&[(p0, "web-0"), (p1, "web-1")]);
+    let mesh = WebMesh::new(SPEC, &[(p0, "web-0"), (p1, "web-1")]);
     let url = redis.url();
     let a = ControlPlane::start(&mesh.path(), &["--redis-url", &url, "--replica", "a"]);
     let b = ControlPlane::start(&mesh.path(), &["--redis-url", &url, "--replica", "b"]);
@@ -175,7 +159,7 @@ async fn replicas_share_load_through_redis_and_survive_losing_it() {
 #[tokio::test]
 async fn a_killed_replicas_proxies_move_to_the_other_and_capacity_keeps_flowing() {
     let p0 = free_port();
-    let (mesh, _spec) = mesh(&[(p0, "web-0")]);
+    let mesh = WebMesh::new(SPEC, &[(p0, "web-0")]);
     let mut a = ControlPlane::start(&mesh.path(), &[]);
     let b = ControlPlane::start(&mesh.path(), &[]);
     a.wait_ready().await;

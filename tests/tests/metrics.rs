@@ -54,13 +54,8 @@ fn curl(proxy: u16, args: &[&str]) -> u16 {
 #[tokio::test]
 async fn counts_by_operation_and_status_match_the_traffic_sent() {
     let app = Backend::start("web-0").await;
-    let spec = tempfile::tempdir().unwrap();
-    std::fs::write(spec.path().join("web.yaml"), SPEC).unwrap();
     let sidecar_inbound = free_port();
-    let mesh = MeshFile::new(&format!(
-        "services:\n  - name: web\n    ports: [{{port: 80, protocol: http}}]\n    openapi: {}\n    endpoints:\n      - {{address: 127.0.0.1, port: {sidecar_inbound}, name: web-0, capacity: {{cpu: 4, memory: 8Gi}}}}\n",
-        spec.path().join("web.yaml").display()
-    ));
+    let mesh = WebMesh::new(SPEC, &[(sidecar_inbound, "web-0")]);
     let cp = ControlPlane::start(&mesh.path(), &[]);
     let sidecar = Sidecar::start(&format!("127.0.0.1:{}", cp.grpc), "web-0", sidecar_inbound, app.port, &[]);
     let caller = Proxy::start(cp.grpc);
@@ -161,13 +156,7 @@ async fn counts_by_operation_and_status_match_the_traffic_sent() {
 #[tokio::test]
 async fn stat_and_top_show_the_live_traffic() {
     let app = Backend::start("web-0").await;
-    let spec = tempfile::tempdir().unwrap();
-    std::fs::write(spec.path().join("web.yaml"), SPEC).unwrap();
-    let mesh = MeshFile::new(&format!(
-        "services:\n  - name: web\n    ports: [{{port: 80, protocol: http}}]\n    openapi: {}\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, name: web-0, capacity: {{cpu: 4, memory: 8Gi}}}}\n",
-        spec.path().join("web.yaml").display(),
-        app.port
-    ));
+    let mesh = WebMesh::new(SPEC, &[(app.port, "web-0")]);
     let cp = ControlPlane::start(&mesh.path(), &[]);
     let caller = Proxy::start(cp.grpc);
     caller.wait_ready().await;

@@ -132,8 +132,7 @@ async fn call(proxy: u16, url: &str, headers: &[&str]) -> (u16, String) {
 /// A caller's proxy (pod `client-0`) and the backend's sidecar (pod `web-0`, inbound on
 /// the endpoint's port, forwarding to `app`), each with `env_a` / `env_b` added.
 struct Mesh {
-    _spec: tempfile::TempDir,
-    _mesh: MeshFile,
+    _mesh: WebMesh,
     _cp: ControlPlane,
     a: Proc,
     a_admin: u16,
@@ -145,13 +144,8 @@ struct Mesh {
 
 impl Mesh {
     async fn start(app: &Backend, env_a: &[(&str, &str)], env_b: &[(&str, &str)]) -> Mesh {
-        let spec = tempfile::tempdir().unwrap();
-        std::fs::write(spec.path().join("web.yaml"), SPEC).unwrap();
         let b_inbound = free_port();
-        let mesh = MeshFile::new(&format!(
-            "services:\n  - name: web\n    ports: [{{port: 80, protocol: http}}]\n    openapi: {}\n    endpoints:\n      - {{address: 127.0.0.1, port: {b_inbound}, name: web-0, capacity: {{cpu: 4, memory: 8Gi}}}}\n",
-            spec.path().join("web.yaml").display()
-        ));
+        let mesh = WebMesh::new(SPEC, &[(b_inbound, "web-0")]);
         let cp = ControlPlane::start(&mesh.path(), &[]);
         let b = Sidecar::start(&format!("127.0.0.1:{}", cp.grpc), "web-0", b_inbound, app.port, env_b);
         let a = Proxy::start_env(cp.grpc, &["--pod", "client-0"], env_a);
@@ -159,7 +153,7 @@ impl Mesh {
         b.wait_ready().await;
         let (a_admin, a_outbound, b_admin) = (a.admin, a.outbound, b.admin);
         let (a, b) = (a.proc, b.proc);
-        Mesh { _spec: spec, _mesh: mesh, _cp: cp, a, a_admin, a_outbound, b, b_admin, b_inbound }
+        Mesh { _mesh: mesh, _cp: cp, a, a_admin, a_outbound, b, b_admin, b_inbound }
     }
 }
 
