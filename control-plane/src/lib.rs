@@ -35,6 +35,8 @@ pub const ADMIN_PORT: u16 = 15014;
 #[derive(Debug)]
 pub struct Settings {
     pub source: Source,
+    /// The SPIFFE trust domain of every identity in the mesh (e.g. cluster.local).
+    pub trust_domain: String,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub debounce: DebounceSettings,

@@ -53,6 +53,9 @@ struct Args {
     /// Publish load changes at most this often (milliseconds; 250 to 1000 is sensible).
     #[arg(long, default_value_t = 250)]
     capacity_interval_ms: u64,
+    /// The SPIFFE trust domain: identities are spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
+    #[arg(long, env = "NEUTRINO_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
     /// Log filter, e.g. "info" or "neutrino_control_plane=debug".
     #[arg(long, env = "NEUTRINO_LOG", default_value = "info")]
     log: String,
@@ -86,8 +89,11 @@ async fn main() -> anyhow::Result<()> {
             "no discovery source: pass --mesh-file <path> (local mode) or --kubernetes (in a cluster, or with KUBECONFIG)"
         ),
     };
+    neutrino_proto::spiffe::SpiffeId::new(&args.trust_domain, "default", "default")
+        .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
     let settings = Settings {
         source,
+        trust_domain: args.trust_domain,
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
         debounce: DebounceSettings {

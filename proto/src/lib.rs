@@ -15,17 +15,18 @@ pub use v1::*;
 /// Subscribing to this name subscribes to every resource of a type.
 pub const WILDCARD: &str = "*";
 
-/// Type URLs, one per resource type. `Identity` and `Policy` are reserved for the
-/// security issue; their field numbers are reserved in `Resource.body`.
+pub mod spiffe;
+
+/// Type URLs, one per resource type.
 pub mod type_url {
     pub const SERVICE: &str = "type.neutrino.io/neutrino.mesh.v1.Service";
     pub const ENDPOINTS: &str = "type.neutrino.io/neutrino.mesh.v1.Endpoints";
     pub const CAPACITY: &str = "type.neutrino.io/neutrino.mesh.v1.Capacity";
-    pub const IDENTITY: &str = "type.neutrino.io/neutrino.mesh.v1.Identity";
+    pub const TRUST_BUNDLE: &str = "type.neutrino.io/neutrino.mesh.v1.TrustBundle";
     pub const POLICY: &str = "type.neutrino.io/neutrino.mesh.v1.Policy";
 
-    /// The types a proxy subscribes to today, config lanes first.
-    pub const ALL: [&str; 3] = [SERVICE, ENDPOINTS, CAPACITY];
+    /// The types a proxy subscribes to, config lanes first.
+    pub const ALL: [&str; 5] = [SERVICE, ENDPOINTS, POLICY, TRUST_BUNDLE, CAPACITY];
 
     /// Short name for logs and metrics labels.
     pub fn short(type_url: &str) -> &str {
@@ -43,6 +44,8 @@ impl resource::Body {
             resource::Body::Service(_) => type_url::SERVICE,
             resource::Body::Endpoints(_) => type_url::ENDPOINTS,
             resource::Body::Capacity(_) => type_url::CAPACITY,
+            resource::Body::TrustBundle(_) => type_url::TRUST_BUNDLE,
+            resource::Body::Policy(_) => type_url::POLICY,
         }
     }
 }

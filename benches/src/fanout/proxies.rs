@@ -16,7 +16,10 @@ pub(crate) fn connect(grpc_addr: &SocketAddr, i: usize) -> Handles {
 
 /// Ready, and holding every service's resources of every type.
 pub(crate) fn synced(s: &Snapshot, services: usize) -> bool {
-    s.is_ready() && type_url::ALL.iter().all(|t| s.resources(t).map_or(0, |m| m.len()) == services)
+    s.is_ready()
+        && [type_url::SERVICE, type_url::ENDPOINTS, type_url::CAPACITY]
+            .iter()
+            .all(|t| s.resources(t).map_or(0, |m| m.len()) == services)
 }
 
 /// True once the snapshot's `Endpoints` for the changed service carries the new capacity.
@@ -135,7 +138,7 @@ pub(crate) async fn measure_change(
 /// (the `DiscoveryResponse` that carried them is a few bytes per resource larger).
 pub(crate) fn response_sizes(s: &Snapshot) -> String {
     let mut out = Vec::new();
-    for t in type_url::ALL {
+    for t in [type_url::SERVICE, type_url::ENDPOINTS, type_url::CAPACITY] {
         let map = s.resources(t).map(|m| m.values().collect::<Vec<_>>()).unwrap_or_default();
         let bytes: usize = map.iter().map(|r| r.encoded_len()).sum();
         out.push(format!("{} {} ({:.0} KiB)", map.len(), type_url::short(t), bytes as f64 / 1024.0));

@@ -204,6 +204,7 @@ fn endpoints_of(key: &str, svc: &ServiceModel) -> pb::Endpoints {
                 ready: e.ready,
                 capacity: Some(vector(e.capacity)),
                 pod: e.pod.clone(),
+                identity: String::new(),
             })
             .collect(),
     }

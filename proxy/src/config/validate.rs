@@ -44,6 +44,7 @@ pub fn check(type_url: &str, upserts: &[Resource], services_after: &ResourceMap)
             Some(Body::Service(s)) => service(&label, &r.name, s, &mut out),
             Some(Body::Endpoints(e)) => endpoints(&label, &r.name, e, &mut out),
             Some(Body::Capacity(c)) => capacity(&label, &r.name, c, &mut out),
+            Some(Body::TrustBundle(_)) | Some(Body::Policy(_)) => {}
         }
     }
     if type_url == pb::type_url::SERVICE {
