@@ -49,6 +49,7 @@ fn bench(c: &mut Criterion) {
                 ready: true,
                 pod: Arc::from("pod"),
                 zone: Arc::from("zone"),
+                identity: None,
                 load: Arc::default(),
             })
             .collect(),

@@ -43,7 +43,10 @@ P = {
     # mesh path: client proxy (B) -> inbound proxy (C) -> backend
     "b_out": 18480, "b_in": 18481, "b_admin": 18490,
     "c_out": 18580, "c_in": 18581, "c_admin": 18590,
-    "cp_grpc": 18610, "cp_admin": 18614,
+    # mTLS mesh path: client proxy (D) -> inbound proxy (E) -> backend, identities from the CA
+    "d_out": 18680, "d_in": 18681, "d_admin": 18690,
+    "e_out": 18780, "e_in": 18781, "e_admin": 18790,
+    "cp_grpc": 18610, "cp_tls": 18612, "cp_admin": 18614,
 }
 
 CLK_TCK = int(subprocess.run(["getconf", "CLK_TCK"], capture_output=True, text=True, check=True).stdout)
@@ -243,6 +246,15 @@ services:
         port: {P['c_in']}
         name: inbound-proxy
         capacity: {cap}
+  - name: bench-mtls        # mTLS mesh path: client proxy -> inbound proxy (mTLS) -> backend
+    namespace: default
+    ports: [{{port: 80, targetPort: {P['e_in']}, protocol: http}}]
+    endpoints:
+      - address: {LO}
+        port: {P['e_in']}
+        name: bench-e
+        serviceAccount: bench-e
+        capacity: {cap}
 """
 
 
@@ -278,17 +290,27 @@ def start_all(root: Path, tmp: Path, procs: Procs, workers: str) -> tuple[dict[s
     meshdir = tmp / "mesh"
     meshdir.mkdir()
     (meshdir / "mesh.yaml").write_text(mesh_yaml())
+    # The mTLS path's identities: a CA generated in ca/, bootstrap tokens per proxy.
+    (meshdir / "tokens").write_text("bench-d-token-0123 default/bench-d\nbench-e-token-0123 default/bench-e\n")
+    for name in ("d", "e"):
+        (meshdir / f"token-{name}").write_text(f"bench-{name}-token-0123\n")
     procs.start("control-plane", [str(rel / "neutrino-control-plane"), "--mesh-file", str(meshdir / "mesh.yaml"),
                                   "--grpc-addr", f"{LO}:{P['cp_grpc']}", "--admin-addr", f"{LO}:{P['cp_admin']}",
-                                  "--log", "warn"], tmp)
+                                  "--tls-grpc-addr", f"{LO}:{P['cp_tls']}", "--ca-dir", str(meshdir / "ca"),
+                                  "--bootstrap-tokens", str(meshdir / "tokens"), "--log", "warn"], tmp)
     wait_ready("control plane", P["cp_admin"], procs)
 
     env = {"TOKIO_WORKER_THREADS": workers} if workers else {}
     proxies = {}
-    for name, extra in (("a", []), ("b", []), ("c", ["--inbound-app-addr", f"{LO}:{P['backend']}"])):
+    def identity(name: str) -> list[str]:
+        return ["--ca-file", str(meshdir / "ca" / "anchors.pem"),
+                "--token-file", str(meshdir / f"token-{name}"), "--service-account", f"bench-{name}"]
+    for name, extra in (("a", []), ("b", []), ("c", ["--inbound-app-addr", f"{LO}:{P['backend']}"]),
+                        ("d", identity("d")), ("e", ["--inbound-app-addr", f"{LO}:{P['backend']}", *identity("e")])):
         log(f"starting neutrino-proxy {name} (TOKIO_WORKER_THREADS={workers or 'unset'})")
         proxies[name] = procs.start(f"proxy-{name}", [
-            str(rel / "neutrino-proxy"), "--control-plane", f"{LO}:{P['cp_grpc']}", "--pod", f"bench-{name}",
+            str(rel / "neutrino-proxy"), "--pod", f"bench-{name}",
+            "--control-plane", f"{LO}:{P['cp_tls' if name in 'de' else 'cp_grpc']}",
             "--admin-addr", f"{LO}:{P[name + '_admin']}", "--outbound-addr", f"{LO}:{P[name + '_out']}",
             "--inbound-addr", f"{LO}:{P[name + '_in']}", "--log", "warn", *extra], tmp, env)
     for name in proxies:
@@ -301,6 +323,8 @@ def start_all(root: Path, tmp: Path, procs: Procs, workers: str) -> tuple[dict[s
         "neutrino": Target("neutrino", "Neutrino outbound", P["a_out"], P["a_out"], "bench.default", [proxies["a"].pid]),
         "mesh": Target("mesh", "Neutrino mesh (out+in)", P["b_out"], P["b_out"], "bench-mesh.default",
                        [proxies["b"].pid, proxies["c"].pid], hops=2),
+        "mtls": Target("mtls", "Neutrino mesh mTLS (out+in)", P["d_out"], P["d_out"], "bench-mtls.default",
+                       [proxies["d"].pid, proxies["e"].pid], hops=2),
         "nginx": Target("nginx", "nginx", P["nginx"], P["nginx_h2"], None, [ng.pid] + children(ng.pid)),
         "haproxy": Target("haproxy", "HAProxy", P["haproxy"], P["haproxy_h2"], None, [hp.pid]),
     }
@@ -495,6 +519,15 @@ def report(targets: dict[str, Target], meta: dict, prof: str | None) -> str:
                      f"{ratio(r['rps'], ng.res[k]['rps'])} | {ratio(r['rps'], hp.res[k]['rps'])} | {cpu} | "
                      f"{r['non2xx'] + r['sockerr']} |")
     L += [""]
+    if "mtls" in targets and "mesh" in targets:
+        m, p = targets["mtls"], targets["mesh"]
+        L += ["## mTLS mesh path against the plaintext mesh path (same run; goal: at least 0.8x req/s)", "",
+              "| workload | plaintext req/s | mTLS req/s | mTLS x plaintext |", "|---|---:|---:|---:|"]
+        for k, title in wl:
+            if k in m.res and k in p.res:
+                L.append(f"| {title} | {fmt(p.res[k]['rps'])} | {fmt(m.res[k]['rps'])} | "
+                         f"{ratio(m.res[k]['rps'], p.res[k]['rps'])} |")
+        L += [""]
     if any("lat" in t.res for t in targets.values()):
         L += ["## Latency at half of each target's own maximum (64 connections, keep-alive, oha, latency-corrected)", "",
               "Added = target minus direct measured at the same rate in the same run. Mesh path: two hops; "

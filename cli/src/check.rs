@@ -14,7 +14,8 @@
 //!   takes to call the webhook);
 //! - the control-plane pods, and each ready one's `/config_dump` through the pod proxy
 //!   (`pods/NAME:15014/proxy/config_dump`): proxies are spread over the replicas, so one
-//!   Service-proxy call would see only one replica's share;
+//!   Service-proxy call would see only one replica's share; and its `/metrics` (the
+//!   mesh CA's issuer and anchor expiry);
 //! - the pods of namespaces labelled `neutrino.io/inject=enabled` and of the connected
 //!   proxies' namespaces, for the proxies' versions (the proxy image's tag).
 //!
@@ -141,6 +142,8 @@ pub async fn gather(client: &Client, t: Duration, now_unix: i64) -> Facts {
         let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{pod}:{CONTROL_PLANE_ADMIN_PORT}/proxy/config_dump");
         let dump = get_text(client, t, path).await;
         let dump = dump.and_then(|text| serde_json::from_str::<Json>(&text).map_err(|e| format!("not JSON: {e}")));
+        let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{pod}:{CONTROL_PLANE_ADMIN_PORT}/proxy/metrics");
+        facts.metrics.push((pod.clone(), get_text(client, t, path).await));
         facts.dumps.push((pod, dump));
     }
     facts.meshed_pods = meshed_pods(client, t, &facts.dumps).await;

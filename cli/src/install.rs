@@ -9,6 +9,9 @@
 //! 2. TLS for the injector: either a Secret `neutrino-injector-tls` with a serving
 //!    certificate generated here ([`generate_tls`]) and its CA written into the
 //!    webhook's `caBundle`, or (`--cert-manager`) the files of `deploy/cert-manager`;
+//!    likewise the mesh CA (issue 7): a Secret `neutrino-ca` generated here (a trust
+//!    anchor for 10 years and an issuer it signs for 1 year, the control plane's own
+//!    generator), or cert-manager's Certificates;
 //! 3. `--demo`: the files of `deploy/demo` and its JSON patches (the control plane's
 //!    `--redis-url`, the injector's `--otlp-endpoint` to the demo's Jaeger);
 //!    `--redis-url` alone adds that argument without the demo;
@@ -34,6 +37,8 @@ pub const WEBHOOK_CONFIG: &str = "neutrino-sidecar-injector";
 pub const INJECTOR_SERVICE: &str = "neutrino-injector";
 pub const INJECTOR_TLS_SECRET: &str = "neutrino-injector-tls";
 pub const CONTROL_PLANE: &str = "neutrino-control-plane";
+/// The mesh CA the control plane mounts: ca.crt (anchors), tls.crt (issuer), tls.key.
+pub const MESH_CA_SECRET: &str = "neutrino-ca";
 /// What the generated serving certificate is valid for (the webhook's Service).
 pub const INJECTOR_DNS_NAMES: [&str; 2] =
     ["neutrino-injector.neutrino-system.svc", "neutrino-injector.neutrino-system.svc.cluster.local"];
@@ -51,8 +56,9 @@ macro_rules! deploy {
 }
 
 /// `deploy/base/kustomization.yaml`'s resources, in its order.
-const BASE: [File; 5] = [
+const BASE: [File; 6] = [
     deploy!("base/namespace.yaml"),
+    deploy!("base/authorization-policy-crd.yaml"),
     deploy!("base/rbac.yaml"),
     deploy!("base/control-plane.yaml"),
     deploy!("base/injector.yaml"),
@@ -93,13 +99,18 @@ pub struct Options {
     pub redis_url: Option<String>,
 }
 
-/// The injector's TLS material when cert-manager is not used (PEM).
+/// The TLS material generated when cert-manager is not used (PEM): the injector's
+/// serving certificate and the mesh CA.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {
     /// The CA certificate: the webhook's caBundle.
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The mesh CA: trust anchor, issuer certificate, issuer key.
+    pub mesh_anchors_pem: String,
+    pub mesh_issuer_pem: String,
+    pub mesh_issuer_key_pem: String,
 }
 
 type Doc = (Yaml, Json);
@@ -186,6 +197,23 @@ fn add_tls(docs: &mut Vec<Doc>, tls: &Tls) -> Result<(), InstallError> {
     });
     let at = docs.iter().position(|(_, j)| j["kind"] == "Deployment" && j["metadata"]["name"] == INJECTOR_SERVICE);
     docs.insert(at.unwrap_or(docs.len()), (Yaml::Null, secret));
+    let mesh_ca = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": MESH_CA_SECRET,
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/name": CONTROL_PLANE, "app.kubernetes.io/part-of": "neutrino"},
+        },
+        "type": "kubernetes.io/tls",
+        "data": {
+            "ca.crt": b64(&tls.mesh_anchors_pem),
+            "tls.crt": b64(&tls.mesh_issuer_pem),
+            "tls.key": b64(&tls.mesh_issuer_key_pem),
+        },
+    });
+    let at = docs.iter().position(|(_, j)| j["kind"] == "Deployment" && j["metadata"]["name"] == CONTROL_PLANE);
+    docs.insert(at.unwrap_or(docs.len()), (Yaml::Null, mesh_ca));
     let file = "deploy/base/webhook.yaml";
     let webhook = find(docs, "MutatingWebhookConfiguration", WEBHOOK_CONFIG)
         .ok_or(InstallError::Patch { file, reason: "no webhook configuration".into() })?;
@@ -257,7 +285,9 @@ fn images(docs: &mut [Doc], registry: &str, tag: Option<&str>) {
 
 /// A CA and a serving certificate for [`INJECTOR_DNS_NAMES`], valid from an hour before
 /// `now_unix` (clock skew) for [`TLS_VALIDITY_DAYS`]. The CA's key is dropped: it signs
-/// this one certificate and nothing else.
+/// this one certificate and nothing else. Also the mesh CA (the control plane's own
+/// generator: anchor 10 years, issuer 1 year; `neutrino check` warns 30 days before the
+/// issuer ends).
 pub fn generate_tls(now_unix: i64) -> Result<Tls, InstallError> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
     use x509_parser::time::ASN1Time;
@@ -281,7 +311,17 @@ pub fn generate_tls(now_unix: i64) -> Result<Tls, InstallError> {
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     (leaf.not_before, leaf.not_after) = (not_before, not_after);
     let cert = leaf.signed_by(&key, &issuer).map_err(err)?;
-    Ok(Tls { ca_pem: ca_cert.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    use neutrino_control_plane::identity::ca;
+    let mesh = ca::generate("cluster.local", now_unix, ca::GENERATED_ANCHOR_DAYS, ca::GENERATED_ISSUER_DAYS)
+        .map_err(|e| InstallError::Generate(format!("the mesh CA: {e}")))?;
+    Ok(Tls {
+        ca_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        mesh_anchors_pem: mesh.anchors_pem,
+        mesh_issuer_pem: mesh.issuer_pem,
+        mesh_issuer_key_pem: mesh.issuer_key_pem,
+    })
 }
 
 #[cfg(test)]
@@ -289,8 +329,23 @@ mod tests {
     use super::*;
 
     fn tls() -> Tls {
-        Tls { ca_pem: "CA".into(), cert_pem: "CERT".into(), key_pem: "KEY".into() }
+        Tls {
+            ca_pem: "CA".into(),
+            cert_pem: "CERT".into(),
+            key_pem: "KEY".into(),
+            mesh_anchors_pem: "ANCHORS".into(),
+            mesh_issuer_pem: "ISSUER".into(),
+            mesh_issuer_key_pem: "ISSUERKEY".into(),
+        }
     }
+
+    /// The control plane's arguments in deploy/base.
+    const CP_ARGS: [&str; 4] = [
+        "--kubernetes",
+        "--trust-anchors=/etc/neutrino/ca/anchors.pem",
+        "--issuer-cert=/etc/neutrino/ca/issuer.pem",
+        "--issuer-key=/etc/neutrino/ca/issuer-key.pem",
+    ];
 
     fn objects(text: &str) -> Vec<Json> {
         manifest::read_documents(text).expect("output parses").into_iter().map(|(_, j)| j).collect()
@@ -305,6 +360,14 @@ mod tests {
         let docs = objects(&render(&Options::default(), Some(&tls())).expect("render"));
         let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
         assert_eq!(kinds[0], "Namespace");
+        let mesh_ca = docs.iter().position(|d| d["metadata"]["name"] == MESH_CA_SECRET).expect("mesh CA");
+        let cp_at = docs.iter().position(|d| d["metadata"]["name"] == CONTROL_PLANE && d["kind"] == "Deployment");
+        assert!(Some(mesh_ca) < cp_at, "the CA Secret before the control plane: {kinds:?}");
+        let data = &get(&docs, "Secret", MESH_CA_SECRET)["data"];
+        assert_eq!(
+            (&data["ca.crt"], &data["tls.crt"], &data["tls.key"]),
+            (&json!("QU5DSE9SUw=="), &json!("SVNTVUVS"), &json!("SVNTVUVSS0VZ"))
+        );
         let secret = kinds.iter().position(|k| *k == "Secret").expect("secret");
         let injector =
             docs.iter().position(|d| d["metadata"]["name"] == "neutrino-injector" && d["kind"] == "Deployment");
@@ -314,7 +377,8 @@ mod tests {
         assert_eq!(get(&docs, "Secret", INJECTOR_TLS_SECRET)["data"]["tls.key"], "S0VZ");
         assert!(!kinds.contains(&"Certificate") && !kinds.contains(&"ConfigMap"), "{kinds:?}");
         let cp = get(&docs, "Deployment", CONTROL_PLANE);
-        assert_eq!(cp["spec"]["template"]["spec"]["containers"][0]["args"], json!(["--kubernetes"]));
+        assert_eq!(cp["spec"]["template"]["spec"]["containers"][0]["args"], json!(CP_ARGS));
+        assert_eq!(cp["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"], MESH_CA_SECRET);
         assert!(matches!(render(&Options::default(), None), Err(InstallError::NoTls)));
     }
 
@@ -329,6 +393,7 @@ mod tests {
         );
         assert!(webhook["webhooks"][0]["clientConfig"].get("caBundle").is_none());
         assert_eq!(get(&docs, "Certificate", "neutrino-injector")["spec"]["secretName"], INJECTOR_TLS_SECRET);
+        assert_eq!(get(&docs, "Certificate", MESH_CA_SECRET)["spec"]["secretName"], MESH_CA_SECRET);
         assert!(!docs.iter().any(|d| d["kind"] == "Secret"));
     }
 
@@ -340,7 +405,9 @@ mod tests {
             get(&docs, kind, name);
         }
         let args = &get(&docs, "Deployment", CONTROL_PLANE)["spec"]["template"]["spec"]["containers"][0]["args"];
-        assert_eq!(args, &json!(["--kubernetes", "--redis-url=redis://redis.neutrino-system:6379"]));
+        let mut expected = CP_ARGS.to_vec();
+        expected.push("--redis-url=redis://redis.neutrino-system:6379");
+        assert_eq!(args, &json!(expected));
         let injector = &get(&docs, "Deployment", INJECTOR_SERVICE)["spec"]["template"]["spec"]["containers"][0];
         let otlp = json!("--otlp-endpoint=http://jaeger.neutrino-system.svc:4317");
         assert!(injector["args"].as_array().is_some_and(|a| a.last() == Some(&otlp)), "{injector}");
@@ -357,7 +424,7 @@ mod tests {
         let opts = Options { redis_url: Some("redis://r:6379".into()), ..Options::default() };
         let docs = objects(&render(&opts, Some(&tls())).expect("render"));
         let args = &get(&docs, "Deployment", CONTROL_PLANE)["spec"]["template"]["spec"]["containers"][0]["args"];
-        assert_eq!(args, &json!(["--kubernetes", "--redis-url=redis://r:6379"]));
+        assert_eq!(args.as_array().and_then(|a| a.last()), Some(&json!("--redis-url=redis://r:6379")));
         assert!(!docs.iter().any(|d| d["metadata"]["name"] == "redis"));
         let injector = &get(&docs, "Deployment", INJECTOR_SERVICE)["spec"]["template"]["spec"]["containers"][0];
         assert!(!injector["args"].to_string().contains("otlp"), "no traces outside the demo: {injector}");
@@ -408,5 +475,13 @@ mod tests {
         let san = cert.subject_alternative_name().expect("ext").expect("san");
         assert_eq!(san.value.general_names.len(), 2);
         assert!(tls.ca_pem.starts_with("-----BEGIN CERTIFICATE-----") && tls.key_pem.contains("PRIVATE KEY"));
+        let mesh = neutrino_control_plane::identity::ca::Material {
+            anchors_pem: tls.mesh_anchors_pem.clone(),
+            issuer_pem: tls.mesh_issuer_pem.clone(),
+            issuer_key_pem: tls.mesh_issuer_key_pem.clone(),
+        };
+        let ca = neutrino_control_plane::identity::ca::Ca::load(&mesh, std::time::Duration::from_secs(3600), now)
+            .expect("the generated mesh CA loads in the control plane");
+        assert_eq!(ca.issuer_not_after(), now + 365 * 86_400);
     }
 }

@@ -82,13 +82,14 @@ enum Command {
     },
     /// Print the mesh's Kubernetes manifests (deploy/ rendered), for
     /// `neutrino install | kubectl apply -f -`. Without --cert-manager, a CA and the
-    /// injector's serving certificate are generated (a new pair on every run).
+    /// injector's serving certificate are generated (a new pair on every run), and the
+    /// mesh CA (Secret neutrino-ca: a new trust anchor and issuer on every run).
     Install {
         /// Add the demo: Redis for the control-plane replicas, Jaeger, and the sample app.
         #[arg(long)]
         demo: bool,
-        /// Take the injector's certificate from cert-manager (installed in the cluster)
-        /// instead of generating it.
+        /// Take the injector's certificate and the mesh CA from cert-manager (installed in
+        /// the cluster) instead of generating them.
         #[arg(long)]
         cert_manager: bool,
         /// Registry and repository prefix of the Neutrino images (default: neutrino).

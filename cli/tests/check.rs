@@ -2,7 +2,7 @@
 //! at a local HTTP server (in this file) answering the API server's endpoints that the
 //! check reads with real object JSON: version, access reviews, the webhook configuration
 //! (as `neutrino install` renders it), EndpointSlices, pods, namespaces, and the service
-//! and pod proxies (the injector's `/ready`, each control plane's `/config_dump`).
+//! and pod proxies (the injector's `/ready`, each control plane's `/config_dump` and `/metrics`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -98,6 +98,16 @@ fn answer(cluster: &Cluster, method: &str, path: &str, query: &str, body: &[u8])
         ("GET", p) if p.starts_with(&format!("{ns}/pods/")) && p.ends_with(":15014/proxy/config_dump") => {
             let replica = p.trim_start_matches(&format!("{ns}/pods/")).trim_end_matches(":15014/proxy/config_dump");
             (200, config_dump(if replica == "cp-a" { "web-1" } else { "web-2" }))
+        }
+        ("GET", p) if p.starts_with(&format!("{ns}/pods/")) && p.ends_with(":15014/proxy/metrics") => {
+            // The mesh CA's issuer ends in 200 days, its anchor in 3000.
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            let text = format!(
+                "neutrino_cp_issuer_expiry_timestamp_seconds {}\nneutrino_cp_anchor_expiry_timestamp_seconds {}\n",
+                now + 200 * 86_400,
+                now + 3000 * 86_400
+            );
+            (200, json!(text))
         }
         ("GET", "/api/v1/namespaces") => {
             let shop = json!({"apiVersion": "v1", "kind": "Namespace",
@@ -205,6 +215,11 @@ async fn a_healthy_mesh_passes() {
         assert!(stdout.lines().any(|l| l == line), "missing {line:?} in:\n{stdout}");
     }
     assert!(stdout.contains("✔ Webhook CA: valid for 36"), "{stdout}");
+    assert!(
+        stdout.contains("✔ Mesh CA: issuer valid for 199 more days")
+            || stdout.contains("✔ Mesh CA: issuer valid for 200 more days"),
+        "{stdout}"
+    );
     assert_eq!(*cluster.unknown.lock().unwrap(), Vec::<String>::new());
 }
 

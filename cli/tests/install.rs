@@ -84,7 +84,9 @@ fn the_default_install_validates() {
         "Deployment neutrino-system/neutrino-control-plane",
         "PodDisruptionBudget neutrino-system/neutrino-control-plane",
         "ClusterRole /neutrino-control-plane",
+        "CustomResourceDefinition /authorizationpolicies.policy.neutrino.io",
         "Secret neutrino-system/neutrino-injector-tls",
+        "Secret neutrino-system/neutrino-ca",
         "MutatingWebhookConfiguration /neutrino-sidecar-injector",
     ] {
         assert!(objects.contains_key(key), "{key} missing: {:?}", objects.keys());
@@ -121,6 +123,7 @@ fn kustomize_renders_the_same_objects_as_neutrino_install() {
     let base = objects(&kustomize("base"));
     let mut installed = objects(&neutrino(&["install"]));
     assert!(installed.remove("Secret neutrino-system/neutrino-injector-tls").is_some());
+    assert!(installed.remove("Secret neutrino-system/neutrino-ca").is_some());
     let hook = installed.get_mut("MutatingWebhookConfiguration /neutrino-sidecar-injector").unwrap();
     hook["webhooks"][0]["clientConfig"].as_object_mut().unwrap().remove("caBundle");
     assert_eq!(base, installed);

@@ -16,6 +16,8 @@ pub struct AdminState {
     pub published: Published,
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
+    /// The CA's status, when identity is on.
+    pub identity: Option<Arc<arc_swap::ArcSwap<crate::identity::IdentityStatus>>>,
 }
 
 pub fn handle(state: &AdminState, path: &str) -> Reply {
@@ -49,8 +51,9 @@ pub fn handle(state: &AdminState, path: &str) -> Reply {
 fn config_dump(state: &AdminState) -> Vec<u8> {
     let config = state.published.config.borrow().clone();
     let capacity = state.published.capacity.borrow().clone();
+    let identity = state.published.identity.borrow().clone();
     let mut resources = BTreeMap::new();
-    for snap in [&config, &capacity] {
+    for snap in [&config, &capacity, &identity] {
         for (t, map) in &snap.by_type {
             let versions: BTreeMap<&str, &str> = map.iter().map(|(n, r)| (n.as_str(), r.version.as_str())).collect();
             resources.insert(neutrino_proto::type_url::short(t).to_string(), json!(versions));
@@ -62,6 +65,7 @@ fn config_dump(state: &AdminState) -> Vec<u8> {
         "generation": config.generation,
         "resources": resources,
         "proxies": state.registry.list(),
+        "identity": state.identity.as_ref().map(|s| json!(&**s.load())),
     });
     serde_json::to_vec_pretty(&dump).unwrap_or_default()
 }

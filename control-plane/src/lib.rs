@@ -4,10 +4,13 @@
 //! of config) debounces, translates and publishes immutable snapshots; `load` (the
 //! single writer of the capacity lane) aggregates the proxies' load reports, shared
 //! across replicas through Redis; `serve` streams each proxy what it subscribed to and
-//! lacks, and takes in its load reports. `admin` exposes health, metrics and a dump.
+//! lacks, and takes in its load reports. `identity` (when a CA is configured) signs
+//! workload certificates, writes the trust-bundle lane and serves Discovery and
+//! Identity over TLS on 15012. `admin` exposes health, metrics and a dump.
 
 pub mod admin;
 pub mod debounce;
+pub mod identity;
 pub mod index;
 pub mod load;
 pub mod metrics;
@@ -31,6 +34,8 @@ use watch::Source;
 /// Default ports (see ARCHITECTURE.md).
 pub const GRPC_PORT: u16 = 15010;
 pub const ADMIN_PORT: u16 = 15014;
+/// Discovery and Identity over TLS (issue 7), when a CA is configured.
+pub const TLS_GRPC_PORT: u16 = 15012;
 
 #[derive(Debug)]
 pub struct Settings {
@@ -42,6 +47,8 @@ pub struct Settings {
     pub debounce: DebounceSettings,
     pub serve: ServeSettings,
     pub load: load::LoadSettings,
+    /// The mesh CA and TLS on 15012; None: no CA, plaintext 15010 only.
+    pub identity: Option<identity::IdentitySettings>,
 }
 
 #[derive(Debug, Error)]
@@ -50,6 +57,8 @@ pub enum RunError {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("serving gRPC: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("identity: {0}")]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// Runs the control plane until `shutdown` resolves.
@@ -59,8 +68,23 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()> + Send +
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(4);
     let (mesh_tx, mesh_rx) = tokio::sync::watch::channel(None);
     let load = load::spawn(mesh_rx, settings.load, Arc::clone(&metrics));
-    let published =
-        index::spawn(settings.source.describe(), events_rx, settings.debounce, Arc::clone(&metrics), mesh_tx, &load);
+    let (identity, identity_lane) = match &settings.identity {
+        Some(s) => {
+            let (started, lane) = identity::start(s, &settings.trust_domain, Arc::clone(&metrics))?;
+            (Some((started, s.tls_addr)), lane)
+        }
+        None => (None, identity::empty_lane()),
+    };
+    let published = index::spawn(
+        settings.trust_domain.clone(),
+        settings.source.describe(),
+        events_rx,
+        settings.debounce,
+        Arc::clone(&metrics),
+        mesh_tx,
+        &load,
+        identity_lane,
+    );
     tokio::spawn(settings.source.run(events_tx));
 
     let admin_listener = TcpListener::bind(settings.admin_addr).await.map_err(|source| RunError::Bind {
@@ -72,6 +96,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()> + Send +
         published: published.clone(),
         metrics: Arc::clone(&metrics),
         registry: Arc::clone(&registry),
+        identity: identity.as_ref().map(|(started, _)| Arc::clone(&started.status)),
     };
     tokio::spawn(neutrino_admin::serve(admin_listener, move |path| admin::handle(&admin_state, path)));
 
@@ -81,13 +106,50 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()> + Send +
         source,
     })?;
     tracing::info!(grpc = %settings.grpc_addr, admin = %settings.admin_addr, "control plane listening");
-    let service = DiscoveryService::new(published, metrics, registry, settings.serve, load.sink);
+    let service = DiscoveryService::new(published, Arc::clone(&metrics), registry, settings.serve, load.sink);
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let tls = match identity {
+        Some((started, addr)) => {
+            let listener = TcpListener::bind(addr).await.map_err(|source| RunError::Bind {
+                what: "discovery and identity gRPC over TLS",
+                addr,
+                source,
+            })?;
+            let config = identity::tls::server_config(Arc::clone(&started.resolver))
+                .map_err(|e| RunError::Identity(identity::IdentityError::Tls(e)))?;
+            let incoming = identity::tls::incoming(listener, config, Arc::clone(&metrics));
+            let ids = identity::service::IdentityService::new(
+                started.ca,
+                started.validator,
+                settings.trust_domain.clone(),
+                Arc::clone(&metrics),
+            );
+            tracing::info!(tls = %addr, "serving Discovery and Identity over TLS");
+            let server = grpc_server()
+                .add_service(service.clone().into_server())
+                .add_service(ids.into_server())
+                .serve_with_incoming_shutdown(incoming, shutdown.clone());
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
+    // Port 15010 stays plaintext Discovery only: tokens never cross it.
+    grpc_server()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), shutdown)
+        .await?;
+    if let Some(tls) = tls {
+        match tls.await {
+            Ok(result) => result?,
+            Err(e) => tracing::error!("TLS server task: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn grpc_server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), shutdown)
-        .await?;
-    Ok(())
 }

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use neutrino_control_plane::identity::{self, CaSource, IdentitySettings, token::TokenSettings};
 use neutrino_control_plane::index::DebounceSettings;
 use neutrino_control_plane::load::{LoadSettings, share::ShareSettings};
 use neutrino_control_plane::serve::ServeSettings;
 use neutrino_control_plane::watch::kube::{KubeSettings, KubeSource};
 use neutrino_control_plane::watch::{Source, file::FileSource};
-use neutrino_control_plane::{ADMIN_PORT, GRPC_PORT, Settings};
+use neutrino_control_plane::{ADMIN_PORT, GRPC_PORT, Settings, TLS_GRPC_PORT};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +57,39 @@ struct Args {
     /// The SPIFFE trust domain: identities are spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
     #[arg(long, env = "NEUTRINO_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+    /// Local CA: keep anchors.pem, issuer.pem and issuer-key.pem in this directory, generating
+    /// them (anchor 10 years, issuer 1 year) when none exist. Turns identity and TLS on 15012 on.
+    #[arg(long, env = "NEUTRINO_CA_DIR", conflicts_with_all = ["trust_anchors", "issuer_cert", "issuer_key"])]
+    ca_dir: Option<PathBuf>,
+    /// The trust anchors (PEM, one or more certificates; during a rotation both). With
+    /// --issuer-cert and --issuer-key: turns identity and TLS on 15012 on.
+    #[arg(long, env = "NEUTRINO_TRUST_ANCHORS", requires_all = ["issuer_cert", "issuer_key"])]
+    trust_anchors: Option<PathBuf>,
+    /// The issuer's certificate (PEM; intermediates after it), signed by one of the anchors.
+    #[arg(long, env = "NEUTRINO_ISSUER_CERT", requires_all = ["trust_anchors", "issuer_key"])]
+    issuer_cert: Option<PathBuf>,
+    /// The issuer's private key (PEM).
+    #[arg(long, env = "NEUTRINO_ISSUER_KEY", requires_all = ["trust_anchors", "issuer_cert"])]
+    issuer_key: Option<PathBuf>,
+    /// Re-read the CA files this often (seconds); a changed, valid set replaces the CA.
+    #[arg(long, default_value_t = 5)]
+    ca_reload_secs: u64,
+    /// Lifetime of workload certificates: a number and s, m, h or d (e.g. 24h, 90m, 30s).
+    #[arg(long, default_value = "24h", value_parser = identity::parse_ttl)]
+    cert_ttl: Duration,
+    /// Local mode: tokens accepted by Certify, one `<token> <namespace>/<service-account>`
+    /// per line. Without it, tokens are checked with the Kubernetes TokenReview API.
+    #[arg(long, env = "NEUTRINO_BOOTSTRAP_TOKENS")]
+    bootstrap_tokens: Option<PathBuf>,
+    /// Audiences a service-account token must be valid for (TokenReview), comma-separated.
+    #[arg(long, default_value = identity::token::DEFAULT_AUDIENCE, value_delimiter = ',')]
+    token_audience: Vec<String>,
+    /// Address for Discovery and Identity over TLS (only with a CA).
+    #[arg(long, env = "NEUTRINO_TLS_GRPC_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], TLS_GRPC_PORT)))]
+    tls_grpc_addr: SocketAddr,
+    /// Names in the control plane's TLS certificate (comma-separated; IP literals become IP SANs).
+    #[arg(long, default_value = identity::DEFAULT_TLS_NAMES, value_delimiter = ',')]
+    tls_names: Vec<String>,
     /// Log filter, e.g. "info" or "neutrino_control_plane=debug".
     #[arg(long, env = "NEUTRINO_LOG", default_value = "info")]
     log: String,
@@ -91,6 +125,34 @@ async fn main() -> anyhow::Result<()> {
     };
     neutrino_proto::spiffe::SpiffeId::new(&args.trust_domain, "default", "default")
         .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
+    let ca_source = match (args.ca_dir, args.trust_anchors, args.issuer_cert, args.issuer_key) {
+        (Some(dir), None, None, None) => Some(CaSource::Dir(dir)),
+        (None, Some(anchors), Some(issuer_cert), Some(issuer_key)) => {
+            Some(CaSource::Files { anchors, issuer_cert, issuer_key })
+        }
+        (None, None, None, None) => None,
+        _ => anyhow::bail!(
+            "give either --ca-dir, or all three of --trust-anchors, --issuer-cert and --issuer-key (or none: no CA)"
+        ),
+    };
+    let tls_names: Vec<String> =
+        args.tls_names.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+    let audiences: Vec<String> =
+        args.token_audience.iter().map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
+    if audiences.is_empty() {
+        anyhow::bail!("--token-audience is empty; give at least one audience (default neutrino)");
+    }
+    let identity = ca_source.map(|source| IdentitySettings {
+        source,
+        cert_ttl: args.cert_ttl,
+        reload: Duration::from_secs(args.ca_reload_secs.max(1)),
+        tokens: match args.bootstrap_tokens {
+            Some(path) => TokenSettings::Bootstrap(path),
+            None => TokenSettings::TokenReview { audiences },
+        },
+        tls_addr: args.tls_grpc_addr,
+        tls_names,
+    });
     let settings = Settings {
         source,
         trust_domain: args.trust_domain,
@@ -102,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
         },
         serve: ServeSettings { max_stream_age: Duration::from_secs(args.max_stream_age_secs) },
         load: LoadSettings { interval: Duration::from_millis(args.capacity_interval_ms.max(10)), redis },
+        identity,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -25,6 +25,12 @@ pub struct OriginLabel {
     pub origin: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why a Certify call was refused: unauthenticated, identity_mismatch, malformed_csr, ...
+    pub reason: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub connected_proxies: Gauge,
@@ -45,6 +51,15 @@ pub struct Metrics {
     pub redis_writes: Counter,
     pub redis_writes_dropped: Counter,
     pub redis_malformed: Counter,
+    /// Identity (issue 7): leaves signed, refusals, CA expiry and reloads.
+    pub certificates_issued: Counter,
+    pub certify_failures: Family<ReasonLabel, Counter>,
+    pub issuer_expiry: Gauge,
+    pub anchor_expiry: Gauge,
+    pub ca_reloads: Counter,
+    pub ca_reload_errors: Counter,
+    pub serving_cert_renewals: Counter,
+    pub tls_handshake_failures: Counter,
 }
 
 impl Metrics {
@@ -80,6 +95,34 @@ impl Metrics {
             self.redis_writes_dropped.clone(),
         );
         r.register("redis_malformed", "Messages from Redis that were not load reports", self.redis_malformed.clone());
+        r.register("certificates_issued", "Workload certificates signed by the CA", self.certificates_issued.clone());
+        r.register("certify_failures", "Certify calls refused, by reason", self.certify_failures.clone());
+        r.register(
+            "issuer_expiry_timestamp_seconds",
+            "notAfter of the CA's issuer certificate (unix seconds); 0 without a CA",
+            self.issuer_expiry.clone(),
+        );
+        r.register(
+            "anchor_expiry_timestamp_seconds",
+            "Earliest notAfter among the trust anchors (unix seconds); 0 without a CA",
+            self.anchor_expiry.clone(),
+        );
+        r.register("ca_reloads", "CA material sets loaded after a change of the files", self.ca_reloads.clone());
+        r.register(
+            "ca_reload_errors",
+            "Changed CA material refused as invalid (the last good set is kept)",
+            self.ca_reload_errors.clone(),
+        );
+        r.register(
+            "serving_cert_renewals",
+            "Certificates the control plane issued itself for TLS on 15012",
+            self.serving_cert_renewals.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes on 15012 that failed or timed out",
+            self.tls_handshake_failures.clone(),
+        );
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);

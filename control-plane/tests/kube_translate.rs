@@ -170,6 +170,7 @@ impl World {
             namespaces: &self.namespaces,
             configmaps: Some(&self.configmaps),
             fetched: Some(&self.fetched),
+            policies: &[],
         })
     }
 }

@@ -113,6 +113,41 @@ pub fn matches(pattern: &str, id: &str) -> bool {
     }
 }
 
+/// Checks a policy's identity entry: `*`, a full SPIFFE id, or a prefix ending at a
+/// segment: `spiffe://<td>/*` (the trust domain), `spiffe://<td>/ns/<namespace>/*` (a
+/// namespace; `.../sa/*` is the same). Errors say which form was expected.
+pub fn check_pattern(pattern: &str) -> Result<(), ParseError> {
+    if pattern == "*" {
+        return Ok(());
+    }
+    let bad = |why: String| {
+        ParseError(format!(
+            "{pattern:?} is not an identity pattern (\"*\", spiffe://<trust-domain>/*, spiffe://<trust-domain>/ns/<namespace>/*, or a full SPIFFE id): {why}"
+        ))
+    };
+    let Some(prefix) = pattern.strip_suffix("/*") else {
+        if pattern.contains('*') {
+            return Err(bad("a '*' may only be the whole pattern or follow the last '/'".into()));
+        }
+        return pattern.parse::<SpiffeId>().map(|_| ());
+    };
+    if prefix.contains('*') {
+        return Err(bad("only one '*', at the end".into()));
+    }
+    let rest = prefix.strip_prefix("spiffe://").ok_or_else(|| bad("it must start with spiffe://".into()))?;
+    let mut parts = rest.split('/');
+    let td = parts.next().unwrap_or("");
+    if !valid_name(td, true) {
+        return Err(bad(format!("trust domain {td:?} is not a lower-case DNS name")));
+    }
+    match parts.collect::<Vec<_>>().as_slice() {
+        [] => Ok(()),
+        ["ns", ns] | ["ns", ns, "sa"] if valid_name(ns, false) => Ok(()),
+        ["ns", ns] | ["ns", ns, "sa"] => Err(bad(format!("namespace {ns:?} is not a DNS label"))),
+        _ => Err(bad("a '*' may only follow the trust domain or /ns/<namespace>".into())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +186,32 @@ mod tests {
         assert!(!matches("spiffe://td/ns/sho*", id), "a prefix must end at a segment");
         assert!(!matches("spiffe://td/ns/shop/sa/order", id));
         assert!(!matches("spiffe://td/ns/other/*", id));
+    }
+
+    #[test]
+    fn patterns_are_checked() {
+        for good in [
+            "*",
+            "spiffe://td/*",
+            "spiffe://cluster.local/ns/shop/*",
+            "spiffe://cluster.local/ns/shop/sa/*",
+            "spiffe://cluster.local/ns/shop/sa/orders",
+        ] {
+            assert_eq!(check_pattern(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "**",
+            "spiffe://cluster.local/ns/sh*",
+            "spiffe://cluster.local/ns/*",
+            "spiffe://Cluster/*",
+            "spiffe://cluster.local/ns/Shop/*",
+            "https://cluster.local/*",
+            "spiffe://cluster.local/ns/shop/sa/orders/*",
+            "spiffe://cluster.local/ns/shop/sa/or*",
+            "/*",
+        ] {
+            assert!(check_pattern(bad).is_err(), "{bad}");
+        }
     }
 }

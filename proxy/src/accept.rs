@@ -192,14 +192,23 @@ async fn outbound(shared: Arc<Shared>, stream: TcpStream) {
             let target = match (&service, port) {
                 (Some(s), Some(p)) => {
                     let cost = s.routes.default_op().cost.as_array();
-                    s.endpoints.pick(&cost, None).ok().map(|c| s.target(&s.endpoints.endpoints[c.index], &p))
+                    s.endpoints.pick(&cost, None).ok().map(|c| {
+                        let e = &s.endpoints.endpoints[c.index];
+                        (s.target(e, &p), e.identity.clone())
+                    })
                 }
                 _ => None,
             };
             match target {
-                Some(t) => {
+                Some((t, identity)) => {
                     shared.metrics.data.outbound_tcp_connections.inc();
-                    if let Err(e) = tcp::splice(io, t, shared.settings.connect_timeout).await {
+                    let tls = shared.mesh_tls();
+                    if identity.is_some() && tls.is_none() {
+                        shared.metrics.security.outbound_plaintext_to_meshed.inc();
+                    }
+                    let peer = tls.zip(identity.as_deref());
+                    let timeout = shared.settings.connect_timeout;
+                    if let Err(e) = tcp::splice_to_endpoint(io, t, peer, timeout, &shared.metrics).await {
                         tracing::debug!("outbound tcp to {t}: {e}");
                     }
                 }
@@ -230,15 +239,169 @@ async fn inbound(
             return;
         }
     };
-    let Some((io, protocol)) = sniff(&shared, stream, Some(target.port()), "inbound").await else { return };
+    let Some((mut io, protocol)) = sniff(&shared, stream, Some(target.port()), "inbound").await else { return };
+    // The policy of the service this pod serves (permissive, allow-all when none).
+    let (service, policy) = match shared.mesh.load().service_of_pod(&shared.settings.pod) {
+        Some(s) => (Arc::clone(&s.key), Arc::clone(&s.policy)),
+        None => (Arc::from(""), crate::route::Authorizer::allow_all()),
+    };
+    if protocol == Protocol::Tls
+        && let Some(tls) = shared.mesh_tls().cloned()
+    {
+        // Mesh mTLS names this proxy's identity in its ClientHello; an app's own TLS
+        // does not, and is treated like plaintext (it proves no mesh identity).
+        let (prefix, mut tcp) = io.into_parts();
+        let record = match detect::read_tls_record(&mut tcp, prefix, shared.settings.detect_timeout).await {
+            Ok(r) => r,
+            Err(e) => return tracing::debug!("inbound: reading a ClientHello failed: {e}"),
+        };
+        let ours = crate::identity::tls::hello_server_name(&record).as_deref() == Some(tls.own_server_name.as_str());
+        io = Rewind::new(record, tcp);
+        if ours {
+            return mesh_tls_inbound(shared, tls, io, target, drain, &service, &policy).await;
+        }
+    }
+    let label = crate::metrics::ServiceLabel { service: service.to_string() };
+    if !policy.admits_plaintext() {
+        shared.metrics.security.plaintext_refused.get_or_create(&label).inc();
+        tracing::info!(service = %service, "inbound: refused a {} connection without mesh mTLS (strict mode)", protocol.as_str());
+        return match protocol {
+            // An HTTP client gets a 403 that says why; anything else is reset.
+            Protocol::Http1 | Protocol::Http2 => serve_refusal(&shared, io, protocol).await,
+            Protocol::Tls | Protocol::Tcp => reset(io.into_parts().1),
+        };
+    }
+    shared.metrics.security.plaintext_accepted.get_or_create(&label).inc();
     match protocol {
         // HTTP is served, so the pod's load can be measured and reported back.
-        Protocol::Http1 | Protocol::Http2 => serve_inbound_http(shared, target, io, protocol, drain).await,
+        Protocol::Http1 | Protocol::Http2 => serve_inbound_http(shared, target, io, protocol, drain, None).await,
         Protocol::Tls | Protocol::Tcp => {
+            if let crate::route::Decision::Deny { reason } = policy.authorize(None, None) {
+                return deny_connection(&shared, &service, None, reason, io.into_parts().1);
+            }
             if let Err(e) = tcp::splice(io, target, shared.settings.connect_timeout).await {
                 tracing::debug!("inbound to {target}: {e}");
             }
         }
+    }
+}
+
+/// A mesh mTLS connection for this pod: terminate it, learn the caller's verified
+/// identity, and serve what it carries (ALPN says HTTP/2 or HTTP/1.1; without ALPN the
+/// bytes inside are detected like any connection's).
+async fn mesh_tls_inbound(
+    shared: Arc<Shared>,
+    tls: Arc<crate::identity::MeshTls>,
+    io: Rewind<TcpStream>,
+    target: SocketAddr,
+    drain: tokio::sync::watch::Receiver<bool>,
+    service: &str,
+    policy: &crate::route::Authorizer,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    let handshake = tokio::time::timeout(shared.settings.detect_timeout, acceptor.accept(io)).await;
+    let result = match &handshake {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(_)) => "error",
+        Err(_) => "timeout",
+    };
+    let label = crate::metrics::HandshakeLabel { direction: "inbound", result };
+    shared.metrics.security.handshakes.get_or_create(&label).inc();
+    let mut stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return tracing::info!("inbound: mTLS handshake refused: {e}"),
+        Err(_) => return tracing::info!("inbound: mTLS handshake timed out"),
+    };
+    let (peer, alpn) = {
+        let conn = stream.get_ref().1;
+        (crate::identity::tls::peer_identity(conn.peer_certificates()), conn.alpn_protocol().map(<[u8]>::to_vec))
+    };
+    let protocol = match alpn.as_deref() {
+        Some(b"h2") => Protocol::Http2,
+        Some(b"http/1.1") => Protocol::Http1,
+        _ => match detect::detect(&mut stream, shared.settings.detect_timeout).await {
+            Ok((p, prefix)) => {
+                return mesh_opaque(shared, Rewind::new(prefix, stream), p, target, drain, peer, service, policy).await;
+            }
+            Err(e) => return tracing::debug!("inbound: reading inside mTLS failed: {e}"),
+        },
+    };
+    serve_inbound_http(shared, target, Rewind::new(bytes::Bytes::new(), stream), protocol, drain, peer).await;
+}
+
+/// What a mesh mTLS connection without ALPN carries: HTTP is served, anything else is
+/// authorized as a connection and spliced to the app.
+#[allow(clippy::too_many_arguments)]
+async fn mesh_opaque<IO>(
+    shared: Arc<Shared>,
+    io: Rewind<IO>,
+    protocol: Protocol,
+    target: SocketAddr,
+    drain: tokio::sync::watch::Receiver<bool>,
+    peer: Option<Arc<str>>,
+    service: &str,
+    policy: &crate::route::Authorizer,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => serve_inbound_http(shared, target, io, protocol, drain, peer).await,
+        Protocol::Tls | Protocol::Tcp => {
+            if let crate::route::Decision::Deny { reason } = policy.authorize(peer.as_deref(), None) {
+                shared
+                    .metrics
+                    .security
+                    .policy_denials
+                    .get_or_create(&crate::metrics::ServiceLabel { service: service.to_string() })
+                    .inc();
+                tracing::info!(
+                    service,
+                    peer = peer.as_deref().unwrap_or("-"),
+                    "inbound: denied a connection: {reason}"
+                );
+                return;
+            }
+            if let Err(e) = tcp::splice(io, target, shared.settings.connect_timeout).await {
+                tracing::debug!("inbound to {target}: {e}");
+            }
+        }
+    }
+}
+
+/// Closes `stream` with a reset (RST), so the caller sees a refusal, not an orderly end.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+}
+
+/// A TCP connection policy denies: counted, logged, reset.
+fn deny_connection(shared: &Shared, service: &str, peer: Option<&str>, reason: &str, stream: TcpStream) {
+    shared
+        .metrics
+        .security
+        .policy_denials
+        .get_or_create(&crate::metrics::ServiceLabel { service: service.to_string() })
+        .inc();
+    tracing::info!(service, peer = peer.unwrap_or("-"), "inbound: denied a connection: {reason}");
+    reset(stream);
+}
+
+/// Answers every request on a plaintext HTTP connection with 403 (strict mode).
+async fn serve_refusal(shared: &Shared, io: Rewind<TcpStream>, protocol: Protocol) {
+    let service = service_fn(|_req| async {
+        let reason = crate::route::policy::DENY_PLAINTEXT;
+        let mut r = http::Response::new(crate::forward::body::local(format!("{reason}\n")));
+        *r.status_mut() = http::StatusCode::FORBIDDEN;
+        r.headers_mut().insert(fwd::REASON, http::HeaderValue::from_static(crate::route::policy::DENY_PLAINTEXT));
+        r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        Ok::<_, std::convert::Infallible>(r)
+    });
+    let result = if protocol == Protocol::Http2 {
+        http2_server().serve_connection(TokioIo::new(io), service).await
+    } else {
+        http1_server(shared).keep_alive(false).serve_connection(TokioIo::new(io), service).await
+    };
+    if let Err(e) = result {
+        tracing::debug!("inbound: refusing plaintext HTTP: {e}");
     }
 }
 
@@ -277,17 +440,20 @@ fn http2_server() -> http2::Builder<TokioExecutor> {
     b
 }
 
-async fn serve_inbound_http(
+async fn serve_inbound_http<IO>(
     shared: Arc<Shared>,
     app: SocketAddr,
-    io: Rewind<TcpStream>,
+    io: Rewind<IO>,
     protocol: Protocol,
     drain: tokio::sync::watch::Receiver<bool>,
-) {
+    peer: Option<Arc<str>>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (h1, h2) = (http1_server(&shared), http2_server());
     let service = service_fn(move |req| {
-        let shared = Arc::clone(&shared);
-        async move { Ok::<_, std::convert::Infallible>(crate::forward::inbound::handle(shared, app, req).await) }
+        let (shared, peer) = (Arc::clone(&shared), peer.clone());
+        async move { Ok::<_, std::convert::Infallible>(crate::forward::inbound::handle(shared, app, req, peer).await) }
     });
     // On drain, a connection answers what it is doing and closes (HTTP/2: GOAWAY).
     let result = if protocol == Protocol::Http2 {

@@ -21,6 +21,8 @@ pub struct AdminState {
     pub mesh: Arc<ArcSwap<crate::route::Mesh>>,
     /// Set on shutdown: /ready turns 503 so no new traffic is sent here.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// With identity configured, the proxy is ready only once it holds a certificate.
+    pub tls: Option<Arc<crate::identity::MeshTls>>,
 }
 
 pub fn handle(state: &AdminState, path: &str) -> Reply {
@@ -30,6 +32,8 @@ pub fn handle(state: &AdminState, path: &str) -> Reply {
             let snap = state.store.load();
             if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
                 Reply::text(503, "not ready: shutting down\n")
+            } else if state.tls.as_ref().is_some_and(|t| !t.has_certificate()) {
+                Reply::text(503, "not ready: no certificate yet from the control plane's Identity service\n")
             } else if snap.is_ready() && state.mesh.load().is_ready() {
                 // Ready once the data path has compiled the config, not only received it:
                 // a request sent right after /ready says 200 must find its service.
@@ -63,6 +67,7 @@ fn config_dump(state: &AdminState) -> Vec<u8> {
         "generation": snap.generation,
         "resources": resources,
         "stream": &**state.stream.load(),
+        "identity": state.tls.as_ref().map(|t| t.status()),
     });
     serde_json::to_vec_pretty(&dump).unwrap_or_default()
 }

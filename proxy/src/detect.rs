@@ -108,6 +108,37 @@ pub async fn detect<IO: AsyncRead + Unpin>(io: &mut IO, timeout: Duration) -> io
     }
 }
 
+/// Largest TLS record: 16 KiB of plaintext plus the 5-byte header and expansion.
+const TLS_RECORD_MAX: usize = 5 + 16384 + 256;
+
+/// Completes a TLS record whose first bytes are `prefix` (a classified ClientHello):
+/// reads on until the whole first record is in hand, so its server name can be read.
+/// Returns what it read, the prefix included; a short read (EOF, timeout) returns what
+/// there is, and the caller treats that as not ours.
+pub async fn read_tls_record<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    prefix: Bytes,
+    timeout: Duration,
+) -> io::Result<Bytes> {
+    let mut buf = BytesMut::from(&prefix[..]);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let want = match buf.get(3..5) {
+            Some(len) => (5 + usize::from(u16::from_be_bytes([len[0], len[1]]))).min(TLS_RECORD_MAX),
+            None => 5,
+        };
+        if buf.len() >= want {
+            return Ok(buf.freeze());
+        }
+        let mut chunk = vec![0u8; want - buf.len()];
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+            Err(_) | Ok(Ok(0)) => return Ok(buf.freeze()),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
 /// A stream that first replays bytes already read from it.
 #[derive(Debug)]
 pub struct Rewind<IO> {
@@ -122,6 +153,11 @@ impl<IO> Rewind<IO> {
 
     pub fn inner(&self) -> &IO {
         &self.inner
+    }
+
+    /// The bytes not replayed yet, and the stream.
+    pub fn into_parts(self) -> (Bytes, IO) {
+        (self.prefix, self.inner)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod detect;
 pub mod forward;
+pub mod identity;
 pub mod init;
 pub mod metrics;
 pub mod route;
@@ -51,6 +52,8 @@ pub struct Settings {
     pub request_log: Option<telemetry::request_log::Settings>,
     /// Where trace spans go (OTLP/gRPC), if tracing is on.
     pub tracing: Option<telemetry::trace::Settings>,
+    /// The mesh identity to obtain and use for mTLS, if configured (stream mode only).
+    pub identity: Option<identity::IdentitySettings>,
     pub data: forward::DataSettings,
 }
 
@@ -62,6 +65,8 @@ pub enum RunError {
     RequestLog(#[from] redis::RedisError),
     #[error(transparent)]
     Trace(#[from] telemetry::trace::TraceError),
+    #[error("identity: {0}")]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// The latest out-of-band load report of this proxy's pod.
@@ -94,7 +99,14 @@ pub fn start_config(source: ConfigSource, reports: Option<LoadReports>) -> Handl
 }
 
 /// Runs the proxy until `shutdown` resolves.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(mut settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let tls = match &settings.identity {
+        Some(id) => Some(identity::load(id)?),
+        None => None,
+    };
+    if let (ConfigSource::Stream(s), Some(t)) = (&mut settings.config, &tls) {
+        s.trust = Some(Arc::clone(&t.trust));
+    }
     let admin_listener = TcpListener::bind(settings.admin_addr).await.map_err(|source| RunError::Bind {
         what: "admin HTTP",
         addr: settings.admin_addr,
@@ -113,7 +125,15 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         }
         ConfigSource::File(_) => None,
     };
+    let cp_addrs = match &settings.config {
+        ConfigSource::Stream(s) => config::stream::addresses(&s.control_plane),
+        ConfigSource::File(_) => Vec::new(),
+    };
     let handles = start_config(settings.config, reports);
+    if let (Some(t), Some(id)) = (&tls, settings.identity.clone()) {
+        tokio::spawn(identity::certify::run(Arc::clone(t), id, cp_addrs, Arc::clone(&handles.metrics)));
+        tokio::spawn(follow_trust_bundle(Arc::clone(&handles.store), Arc::clone(&t.trust)));
+    }
     tokio::spawn(compile_mesh(Arc::clone(&handles.store), Arc::clone(&mesh)));
     let request_log = match settings.request_log {
         Some(s) => Some(telemetry::request_log::spawn(
@@ -136,14 +156,20 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         None => None,
     };
     let shared = Arc::new(forward::Shared {
-        mesh,
-        upstreams: forward::Upstreams::new(&settings.data),
+        mesh: Arc::clone(&mesh),
+        upstreams: forward::Upstreams::new(
+            &settings.data,
+            tls.clone(),
+            Arc::clone(&mesh),
+            Arc::clone(&handles.metrics),
+        ),
         settings: settings.data,
         retry_budget: Default::default(),
         metrics: Arc::clone(&handles.metrics),
         pod_load,
         request_log,
         tracing: traces.clone(),
+        tls: tls.clone(),
     });
     let admin_mesh = Arc::clone(&shared.mesh);
     tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));
@@ -173,6 +199,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         stream: handles.stream,
         metrics: handles.metrics,
         draining: Arc::clone(&draining),
+        tls,
     };
     tokio::spawn(neutrino_admin::serve(admin_listener, move |path| admin::handle(&state, path)));
     tracing::info!(
@@ -213,4 +240,37 @@ async fn compile_mesh(store: Arc<ConfigStore>, mesh: Arc<ArcSwap<route::Mesh>>) 
             return;
         }
     }
+}
+
+/// Keeps the trust anchors in step with the bundle the control plane pushes (the
+/// one writer of them after start-up, with `certify`'s first answer).
+async fn follow_trust_bundle(store: Arc<ConfigStore>, trust: Arc<identity::tls::Trust>) {
+    let mut published = store.subscribe();
+    loop {
+        let snapshot = store.load();
+        let bundle =
+            snapshot.resources(neutrino_proto::type_url::TRUST_BUNDLE).and_then(|m| m.values().next().cloned());
+        if let Some(neutrino_proto::resource::Body::TrustBundle(b)) = bundle.as_ref().and_then(|r| r.body.as_ref()) {
+            match trust.replace(&b.anchors_pem) {
+                Ok(true) => tracing::info!(anchors = b.anchors_pem.len(), "identity: trust anchors updated"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("identity: pushed trust bundle not used: {e}"),
+            }
+        }
+        if published.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// An error and its causes on one line (hyper's and tonic's errors say little alone).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -72,6 +72,18 @@ struct Args {
     service_account: String,
     #[arg(long, env = "NEUTRINO_ZONE", default_value = "")]
     zone: String,
+    /// Trust anchors (PEM). With it, the control plane is reached over TLS (give its TLS
+    /// port, 15012, in --control-plane) and, with --token-file, the proxy gets a mesh
+    /// identity and calls meshed endpoints over mTLS.
+    #[arg(long, env = "NEUTRINO_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// The token proving this pod's service account (Kubernetes: a projected token with
+    /// audience "neutrino"; local mode: a bootstrap token).
+    #[arg(long, env = "NEUTRINO_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = "NEUTRINO_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
     /// Reconnect backoff bounds in milliseconds.
     #[arg(long, default_value_t = 100)]
     backoff_min_ms: u64,
@@ -130,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
             },
             backoff_min: Duration::from_millis(args.backoff_min_ms),
             backoff_max: Duration::from_millis(args.backoff_max_ms),
+            trust: None,
         }),
     };
     let shutdown = async {
@@ -151,7 +164,28 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| neutrino_proxy::detect::DEFAULT_SERVER_FIRST_PORTS.to_vec()),
         ..Default::default()
     };
+    let identity = match (&args.ca_file, &args.token_file, &args.config_file) {
+        (Some(ca), Some(token), None) => Some(neutrino_proxy::identity::IdentitySettings {
+            id: neutrino_proto::spiffe::SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "this proxy's identity: {e}; check --namespace, --service-account and --trust-domain"
+                    )
+                })?,
+            ca_file: ca.clone(),
+            token_file: token.clone(),
+        }),
+        (None, Some(_), _) => {
+            anyhow::bail!("--token-file needs --ca-file (the trust anchors to verify the control plane)")
+        }
+        (Some(_), None, None) => anyhow::bail!(
+            "--ca-file needs --token-file (the token that proves this pod's service account to the Identity service)"
+        ),
+        (Some(_), _, Some(_)) => anyhow::bail!("--ca-file applies to a control-plane stream, not to --config-file"),
+        _ => None,
+    };
     let settings = Settings {
+        identity,
         config,
         admin_addr: args.admin_addr,
         outbound_addr: args.outbound_addr,

@@ -38,8 +38,44 @@ pub struct DataMetrics {
     pub trace_export_failures: Counter,
 }
 
+/// `direction` (inbound/outbound) and `result` (ok, or why it failed).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabel {
+    pub direction: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// Mesh TLS, policy and this proxy's certificate.
+#[derive(Debug, Default)]
+pub struct SecurityMetrics {
+    pub handshakes: Family<HandshakeLabel, Counter>,
+    /// Inbound connections that were not mesh mTLS, accepted because the service is
+    /// permissive.
+    pub plaintext_accepted: Family<ServiceLabel, Counter>,
+    /// ... and refused because it is strict.
+    pub plaintext_refused: Family<ServiceLabel, Counter>,
+    pub policy_denials: Family<ServiceLabel, Counter>,
+    /// Outbound requests to meshed endpoints sent in plaintext because this proxy has
+    /// no certificate (identity not configured or not issued yet).
+    pub outbound_plaintext_to_meshed: Counter,
+    pub certificate_renewals: Family<ResultLabel, Counter>,
+    /// Unix seconds when this proxy's certificate expires (0: none).
+    pub certificate_expiry: Gauge,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
+    pub security: SecurityMetrics,
     pub data: DataMetrics,
     pub updates_applied: Family<KindLabel, Counter>,
     pub updates_rejected: Family<KindLabel, Counter>,
@@ -113,6 +149,38 @@ impl Metrics {
             "trace_export_failures",
             "OTLP trace exports that failed or missed their deadline",
             d.trace_export_failures.clone(),
+        );
+        let sec = &self.security;
+        r.register("tls_handshakes", "Mesh TLS handshakes by direction and result", sec.handshakes.clone());
+        r.register(
+            "plaintext_accepted",
+            "Inbound connections without mesh mTLS accepted because the service is permissive",
+            sec.plaintext_accepted.clone(),
+        );
+        r.register(
+            "plaintext_refused",
+            "Inbound connections without mesh mTLS refused because the service is strict",
+            sec.plaintext_refused.clone(),
+        );
+        r.register(
+            "policy_denials",
+            "Requests and connections denied by authorization policy",
+            sec.policy_denials.clone(),
+        );
+        r.register(
+            "outbound_plaintext_to_meshed",
+            "Requests to meshed endpoints sent without mTLS because this proxy has no certificate",
+            sec.outbound_plaintext_to_meshed.clone(),
+        );
+        r.register(
+            "certificate_renewals",
+            "Certificate requests to the control plane by result",
+            sec.certificate_renewals.clone(),
+        );
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "When this proxy's certificate expires (Unix seconds; 0: none)",
+            sec.certificate_expiry.clone(),
         );
         let g: Gauge = Gauge::default();
         g.set(i64::try_from(generation).unwrap_or(i64::MAX));

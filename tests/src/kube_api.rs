@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 /// A collection the control plane watches, by URL path segment.
-const KINDS: [&str; 5] = ["services", "endpointslices", "pods", "namespaces", "configmaps"];
+const KINDS: [&str; 6] = ["services", "endpointslices", "pods", "namespaces", "configmaps", "authorizationpolicies"];
 
 type Chunk = std::result::Result<Frame<Bytes>, std::io::Error>;
 
@@ -55,6 +55,10 @@ struct State {
     bookmark_params: usize,
     /// A slow API server: ConfigMap lists answer after this long.
     configmap_list_delay: Duration,
+    /// TokenReview answers: token -> `status` (see [`FakeApi::review_token`]).
+    token_reviews: HashMap<String, Value>,
+    /// The `spec` of every TokenReview received, in order.
+    reviews_seen: Vec<Value>,
 }
 
 #[derive(Clone, Default)]
@@ -193,6 +197,9 @@ impl FakeApi {
                     let svc = hyper::service::service_fn(move |req| {
                         let api = api.clone();
                         async move {
+                            if req.method() == hyper::Method::POST && req.uri().path() == TOKEN_REVIEWS {
+                                return Ok::<_, Infallible>(api.token_review(req).await);
+                            }
                             let delay = api.state().configmap_list_delay;
                             let q = req.uri().query().unwrap_or("");
                             if req.uri().path().ends_with("/configmaps") && !q.contains("watch=") {
@@ -221,10 +228,10 @@ impl FakeApi {
             .collect();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let (namespace, kind) = match segments.as_slice() {
-            ["api", "v1", "namespaces", ns, kind] | ["apis", _, "v1", "namespaces", ns, kind] => {
+            ["api", "v1", "namespaces", ns, kind] | ["apis", _, _, "namespaces", ns, kind] => {
                 (Some(ns.to_string()), *kind)
             }
-            ["api", "v1", kind] | ["apis", _, "v1", kind] => (None, *kind),
+            ["api", "v1", kind] | ["apis", _, _, kind] => (None, *kind),
             _ => return status(404, "NotFound", &format!("no route {path}")),
         };
         let Some(kind) = KINDS.iter().copied().find(|k| *k == kind) else {
@@ -279,6 +286,7 @@ fn type_of(kind: &str) -> (&'static str, &'static str) {
         "endpointslices" => ("discovery.k8s.io/v1", "EndpointSlice"),
         "pods" => ("v1", "Pod"),
         "namespaces" => ("v1", "Namespace"),
+        "authorizationpolicies" => ("policy.neutrino.io/v1alpha1", "AuthorizationPolicy"),
         _ => ("v1", "ConfigMap"),
     }
 }
@@ -314,4 +322,51 @@ fn status(code: u16, reason: &str, message: &str) -> Response<BoxBody<Bytes, std
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": message, "reason": reason, "code": code}),
     )
+}
+
+/// Where kube clients POST TokenReviews.
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+impl FakeApi {
+    /// Makes `token` review as `status` (a TokenReviewStatus, e.g.
+    /// `{"authenticated": true, "user": {"username": "system:serviceaccount:ns:sa"}, "audiences": ["neutrino"]}`).
+    /// Unknown tokens review as `{"authenticated": false, "error": "invalid bearer token"}`.
+    pub fn review_token(&self, token: &str, status: Value) {
+        self.state().token_reviews.insert(token.to_string(), status);
+    }
+
+    /// The `spec` of each TokenReview received (token and audiences).
+    pub fn reviews_seen(&self) -> Vec<Value> {
+        self.state().reviews_seen.clone()
+    }
+
+    /// POST tokenreviews: the review echoed with its status, 201 Created, as the API server answers.
+    async fn token_review(&self, req: Request<hyper::body::Incoming>) -> Response<BoxBody<Bytes, std::io::Error>> {
+        let Ok(body) = req.into_body().collect().await else {
+            return status(400, "BadRequest", "unreadable body");
+        };
+        let Ok(review) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+            return status(400, "BadRequest", "the body is not JSON");
+        };
+        if review["kind"] != "TokenReview" || review["apiVersion"] != "authentication.k8s.io/v1" {
+            return status(400, "BadRequest", &format!("not an authentication.k8s.io/v1 TokenReview: {review}"));
+        }
+        let spec = review["spec"].clone();
+        let mut s = self.state();
+        s.reviews_seen.push(spec.clone());
+        let token = spec["token"].as_str().unwrap_or("");
+        let answer = s
+            .token_reviews
+            .get(token)
+            .cloned()
+            .unwrap_or_else(|| json!({"authenticated": false, "error": "invalid bearer token"}));
+        json_response(
+            201,
+            &json!({
+                "kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"creationTimestamp": null},
+                "spec": spec, "status": answer
+            }),
+        )
+    }
 }

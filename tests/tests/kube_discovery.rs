@@ -150,7 +150,7 @@ impl Drop for Cp {
     }
 }
 
-/// What a proxy would hold: every Service and Endpoints resource, kept current from a
+/// What a proxy would hold: every Service, Endpoints and Policy resource, kept current from a
 /// wildcard Discovery stream that ACKs each response.
 #[derive(Clone, Default)]
 struct Seen(Arc<Mutex<BTreeMap<(String, String), Body>>>, Arc<Mutex<BTreeMap<(String, String), Body>>>);
@@ -163,7 +163,7 @@ impl Seen {
         })
         .await;
         let (tx, rx) = mpsc::channel(8);
-        for (i, t) in [type_url::SERVICE, type_url::ENDPOINTS].into_iter().enumerate() {
+        for (i, t) in [type_url::SERVICE, type_url::ENDPOINTS, type_url::POLICY].into_iter().enumerate() {
             let node = (i == 0).then(|| Node { id: "test.shop".into(), pod: "test".into(), ..Default::default() });
             tx.send(DiscoveryRequest { node, type_url: t.into(), subscribe: vec!["*".into()], ..Default::default() })
                 .await
@@ -200,6 +200,13 @@ impl Seen {
     fn endpoints(&self, name: &str) -> Option<neutrino_proto::Endpoints> {
         match self.0.lock().unwrap().get(&("Endpoints".into(), format!("{NS}/{name}"))) {
             Some(Body::Endpoints(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    fn policy(&self, name: &str) -> Option<neutrino_proto::Policy> {
+        match self.0.lock().unwrap().get(&("Policy".into(), format!("{NS}/{name}"))) {
+            Some(Body::Policy(p)) => Some(p.clone()),
             _ => None,
         }
     }
@@ -475,4 +482,85 @@ fn exactly_one_source_must_be_chosen() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--mesh-file") && err.contains("--kubernetes"), "{args:?}: {err}");
     }
+}
+
+fn authorization_policy(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "policy.neutrino.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1,
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": spec
+    })
+}
+
+#[tokio::test]
+async fn injected_pods_get_identities_and_authorization_policies_become_policy_resources() {
+    let (api, _cp, seen) = started().await;
+    let identities = || seen.endpoints("orders").map(|e| e.endpoints.iter().map(|ep| ep.identity.clone()).collect());
+    // The fixture's pods carry the injected proxy container and run as "default".
+    let default_sa = "spiffe://cluster.local/ns/shop/sa/default".to_string();
+    assert_eq!(identities(), Some(vec![default_sa.clone(), default_sa.clone()]));
+    // Every service has its Policy: no objects yet, so no rules, allow, permissive.
+    wait_for("the first Policy", WAIT, || async {
+        let p = seen.policy("orders").ok_or_else(|| anyhow!("no Policy"))?;
+        ensure!((p.service.as_str(), p.tls_mode, p.default_action, p.allow.len()) == ("shop/orders", 0, 0, 0), "{p:?}");
+        Ok(())
+    })
+    .await;
+
+    // A pod that runs as its own service account, as a native sidecar, and one without a proxy.
+    let mut native = pod("orders-1", "orders", "2", "4Gi", json!({}));
+    native["spec"]["serviceAccountName"] = json!("orders");
+    let proxy = native["spec"]["containers"].as_array_mut().unwrap().remove(1);
+    native["spec"]["initContainers"] = json!([{"name": "neutrino-init", "image": "neutrino-proxy:dev"},
+                                               {"restartPolicy": "Always", "name": proxy["name"], "image": proxy["image"]}]);
+    api.apply("pods", native);
+    let mut plain = pod("orders-2", "orders", "2", "4Gi", json!({"neutrino.io/capacity": "cpu=500m"}));
+    plain["spec"]["containers"].as_array_mut().unwrap().truncate(1);
+    api.apply("pods", plain);
+    wait_for("identities from the pods", WAIT, || async {
+        let got = identities();
+        ensure!(got == Some(vec!["spiffe://cluster.local/ns/shop/sa/orders".to_string(), String::new()]), "{got:?}");
+        Ok(())
+    })
+    .await;
+
+    // An AuthorizationPolicy, and the namespace made strict.
+    api.apply(
+        "authorizationpolicies",
+        authorization_policy(
+            "orders-callers",
+            json!({"service": "orders", "allow": [
+                {"from": ["spiffe://cluster.local/ns/shop/sa/web"], "operations": ["listOrders"], "methods": ["get"]}
+            ]}),
+        ),
+    );
+    let mut ns = namespace();
+    ns["metadata"]["labels"]["neutrino.io/tls"] = json!("strict");
+    api.apply("namespaces", ns);
+    wait_for("the policy pushed", WAIT, || async {
+        let p = seen.policy("orders").ok_or_else(|| anyhow!("no Policy"))?;
+        ensure!(p.tls_mode == neutrino_proto::TlsMode::Strict as i32, "{p:?}");
+        ensure!(
+            p.allow
+                == [neutrino_proto::AllowRule {
+                    identities: vec!["spiffe://cluster.local/ns/shop/sa/web".into()],
+                    operations: vec!["listOrders".into()],
+                    methods: vec!["GET".into()],
+                    paths: vec![],
+                }],
+            "{p:?}"
+        );
+        Ok(())
+    })
+    .await;
+
+    // Deleted: the rules go again.
+    api.delete("authorizationpolicies", NS, "orders-callers");
+    wait_for("the policy's rules removed", WAIT, || async {
+        let p = seen.policy("orders").ok_or_else(|| anyhow!("no Policy"))?;
+        ensure!(p.allow.is_empty() && p.tls_mode == neutrino_proto::TlsMode::Strict as i32, "{p:?}");
+        Ok(())
+    })
+    .await;
 }

@@ -9,6 +9,7 @@ pub(crate) fn connect(grpc_addr: &SocketAddr, i: usize) -> Handles {
             node: Node { id: format!("bench-{i}"), namespace: NAMESPACE.into(), ..Default::default() },
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
+            trust: None,
         }),
         None,
     )

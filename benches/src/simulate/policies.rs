@@ -167,6 +167,7 @@ fn endpoint(i: usize, capacity: u64, load: Arc<EndpointLoad>) -> Endpoint {
         ready: true,
         pod: Arc::from(format!("backend-{i}")),
         zone: Arc::from("zone-a"),
+        identity: None,
         load,
     }
 }

@@ -82,8 +82,9 @@ pub const OWN_ACCESS: [Access; 11] = [
     },
 ];
 
-/// What the control plane's ServiceAccount needs for discovery (deploy/base/rbac.yaml).
-pub const CONTROL_PLANE_ACCESS: [Access; 10] = [
+/// What the control plane's ServiceAccount needs for discovery and the mesh CA's
+/// TokenReviews (deploy/base/rbac.yaml).
+pub const CONTROL_PLANE_ACCESS: [Access; 11] = [
     access("list", "", "services", false),
     access("watch", "", "services", false),
     access("list", "", "pods", false),
@@ -94,6 +95,7 @@ pub const CONTROL_PLANE_ACCESS: [Access; 10] = [
     access("watch", "", "configmaps", false),
     access("list", "discovery.k8s.io", "endpointslices", false),
     access("watch", "discovery.k8s.io", "endpointslices", false),
+    access("create", "authentication.k8s.io", "tokenreviews", false),
 ];
 
 /// The API server's version.
@@ -122,6 +124,9 @@ pub struct Facts {
     pub control_plane_pods: Fetched<Vec<Pod>>,
     /// `/config_dump` of each ready control-plane pod, by pod name.
     pub dumps: Vec<(String, Fetched<Json>)>,
+    /// `/metrics` (Prometheus text) of each ready control-plane pod, by pod name: the
+    /// mesh CA's expiry.
+    pub metrics: Vec<(String, Fetched<String>)>,
     /// Pods in namespaces labelled `neutrino.io/inject=enabled` and in the namespaces of
     /// connected proxies.
     pub meshed_pods: Fetched<Vec<Pod>>,
@@ -143,6 +148,7 @@ impl Facts {
             injector_ready: none(),
             control_plane_pods: none(),
             dumps: Vec::new(),
+            metrics: Vec::new(),
             meshed_pods: none(),
         }
     }
@@ -169,6 +175,9 @@ pub fn evaluate(f: &Facts) -> Vec<CheckResult> {
     }
     out.push(injector(&f.injector_slices, &f.injector_ready));
     out.push(control_plane(&f.control_plane_pods));
+    if !f.metrics.is_empty() {
+        out.push(mesh_ca(&f.metrics, f.now_unix));
+    }
     let (connected, proxies) = proxies(&f.dumps);
     out.push(connected);
     out.push(versions(&proxies, &f.meshed_pods));
@@ -285,6 +294,72 @@ fn ca(w: &MutatingWebhookConfiguration, now: i64) -> CheckResult {
         return result(name, Status::Warn, format!("expires in {days} days ({when})"), Some(renew));
     }
     result(name, Status::Pass, format!("valid for {days} more days (until {when})"), None)
+}
+
+/// The value of an unlabelled sample `name` in Prometheus text.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The mesh CA's issuer and anchors, from each control-plane replica's `/metrics`
+/// (`neutrino_cp_issuer_expiry_timestamp_seconds`, `..._anchor_expiry_...`; 0 without a CA).
+fn mesh_ca(metrics: &[(String, Fetched<String>)], now: i64) -> CheckResult {
+    let name = "Mesh CA";
+    let read: Vec<(&str, i64, i64)> = metrics
+        .iter()
+        .filter_map(|(pod, m)| {
+            let text = m.as_ref().ok()?;
+            let issuer = sample(text, "neutrino_cp_issuer_expiry_timestamp_seconds").unwrap_or(0.0) as i64;
+            let anchor = sample(text, "neutrino_cp_anchor_expiry_timestamp_seconds").unwrap_or(0.0) as i64;
+            Some((pod.as_str(), issuer, anchor))
+        })
+        .collect();
+    if read.is_empty() {
+        let errors: Vec<String> =
+            metrics.iter().filter_map(|(pod, m)| m.as_ref().err().map(|e| format!("{pod}: {e}"))).collect();
+        return result(name, Status::Warn, format!("could not read /metrics ({})", errors.join("; ")), None);
+    }
+    let without: Vec<&str> = read.iter().filter(|(_, issuer, _)| *issuer <= 0).map(|(pod, _, _)| *pod).collect();
+    if !without.is_empty() {
+        let hint = format!(
+            "mount the Secret {NAMESPACE}/neutrino-ca and pass --trust-anchors, --issuer-cert and --issuer-key              (neutrino install does both)"
+        );
+        let detail = format!("no CA on {}: proxies get no certificates, so no mTLS", without.join(", "));
+        return result(name, Status::Fail, detail, Some(hint));
+    }
+    let (issuer_pod, issuer_end, _) = read.iter().copied().min_by_key(|(_, issuer, _)| *issuer).unwrap_or_default();
+    let anchor_end = read.iter().map(|(_, _, anchor)| *anchor).filter(|a| *a > 0).min().unwrap_or(i64::MAX);
+    let date = |t: i64| x509_parser::time::ASN1Time::from_timestamp(t).map(|t| t.to_string()).unwrap_or_default();
+    let renew_issuer = format!(
+        "put a new issuer, signed by a current anchor, into the Secret {NAMESPACE}/neutrino-ca (tls.crt, tls.key):          the control plane reloads it within seconds (cert-manager renews it by itself)"
+    );
+    let renew_anchor = "rotate the anchor: add the new one to ca.crt, wait for every proxy, switch the issuer to                         one it signs, then remove the old anchor"
+        .to_string();
+    if issuer_end <= now {
+        let detail = format!("the issuer expired on {} ({issuer_pod}): no certificate can be signed", date(issuer_end));
+        return result(name, Status::Fail, detail, Some(renew_issuer));
+    }
+    if anchor_end <= now {
+        return result(
+            name,
+            Status::Fail,
+            format!("a trust anchor expired on {}", date(anchor_end)),
+            Some(renew_anchor),
+        );
+    }
+    let issuer_days = (issuer_end - now).div_euclid(86_400);
+    if issuer_days < CA_WARN_DAYS {
+        let detail = format!("the issuer expires in {issuer_days} days ({}, {issuer_pod})", date(issuer_end));
+        return result(name, Status::Warn, detail, Some(renew_issuer));
+    }
+    let anchor_days = (anchor_end - now).div_euclid(86_400);
+    if anchor_days < CA_WARN_DAYS {
+        let detail = format!("a trust anchor expires in {anchor_days} days ({})", date(anchor_end));
+        return result(name, Status::Warn, detail, Some(renew_anchor));
+    }
+    let detail =
+        format!("issuer valid for {issuer_days} more days (until {}) on {} replica(s)", date(issuer_end), read.len());
+    result(name, Status::Pass, detail, None)
 }
 
 fn injector(slices: &Fetched<Vec<EndpointSlice>>, ready: &Fetched<String>) -> CheckResult {

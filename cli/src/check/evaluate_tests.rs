@@ -74,6 +74,20 @@ fn dump(proxies: &[(&str, &str, bool, Option<&str>)]) -> Json {
     json!({"generation": 4, "proxies": proxies})
 }
 
+/// A control plane's `/metrics` whose issuer ends `issuer_days` and anchor `anchor_days` after NOW
+/// (as the control plane prints them, with the other metrics around).
+fn ca_metrics(issuer_days: i64, anchor_days: i64) -> String {
+    format!(
+        "# HELP neutrino_cp_connected_proxies Proxies\n# TYPE neutrino_cp_connected_proxies gauge\n\
+         neutrino_cp_connected_proxies 2\n\
+         # TYPE neutrino_cp_issuer_expiry_timestamp_seconds gauge\n\
+         neutrino_cp_issuer_expiry_timestamp_seconds {}\n\
+         neutrino_cp_anchor_expiry_timestamp_seconds {}\n# EOF\n",
+        NOW + issuer_days * DAY,
+        NOW + anchor_days * DAY
+    )
+}
+
 fn healthy() -> Facts {
     Facts {
         now_unix: NOW,
@@ -91,6 +105,7 @@ fn healthy() -> Facts {
             ("cp-a".into(), Ok(dump(&[("shop", "web-1", true, None)]))),
             ("cp-b".into(), Ok(dump(&[("shop", "web-2", true, None)]))),
         ],
+        metrics: vec![("cp-a".into(), Ok(ca_metrics(365, 3650))), ("cp-b".into(), Ok(ca_metrics(365, 3650)))],
         meshed_pods: Ok(vec![
             pod("shop", "web-1", true, Some("neutrino/neutrino-proxy:0.1.0")),
             pod("shop", "web-2", true, Some("neutrino/neutrino-proxy:0.1.0")),
@@ -113,7 +128,14 @@ fn status(f: &Facts, name: &str) -> (Status, String) {
 fn a_healthy_mesh_passes_every_check() {
     let results = evaluate(&healthy());
     assert!(results.iter().all(|r| r.status == Status::Pass), "{results:#?}");
-    assert_eq!(results.len(), 9);
+    assert_eq!(results.len(), 10);
+    assert_eq!(
+        by_name(&results, "Mesh CA").detail,
+        format!(
+            "issuer valid for 365 more days (until {}) on 2 replica(s)",
+            x509_parser::time::ASN1Time::from_timestamp(NOW + 365 * DAY).expect("time")
+        )
+    );
     assert_eq!(by_name(&results, "Proxies connected").detail, "2 connected (1 on cp-a, 1 on cp-b), all in sync");
     assert_eq!(by_name(&results, "Proxy versions").detail, "2 at 0.1.0");
     assert!(by_name(&results, "Webhook CA").detail.starts_with("valid for 3000 more days"));
@@ -232,4 +254,34 @@ fn versions_are_counted_and_skew_or_silence_warns() {
     assert!(
         matches!(status(&f, "Proxy versions"), (Status::Warn, d) if d.ends_with("running but not connected: shop/web-3"))
     );
+}
+
+#[test]
+fn the_mesh_ca_warns_30_days_before_the_issuer_or_an_anchor_ends_and_fails_when_expired_or_missing() {
+    let with = |a: Fetched<String>, b: Fetched<String>| {
+        let mut f = healthy();
+        f.metrics = vec![("cp-a".into(), a), ("cp-b".into(), b)];
+        status(&f, "Mesh CA")
+    };
+    let (s, d) = with(Ok(ca_metrics(29, 3650)), Ok(ca_metrics(365, 3650)));
+    assert_eq!(s, Status::Warn);
+    assert!(d.starts_with("the issuer expires in 29 days") && d.contains("cp-a"), "{d}");
+    assert_eq!(with(Ok(ca_metrics(30, 3650)), Ok(ca_metrics(365, 3650))).0, Status::Pass);
+    let (s, d) = with(Ok(ca_metrics(365, 3650)), Ok(ca_metrics(-1, 3650)));
+    assert_eq!(s, Status::Fail);
+    assert!(d.contains("expired") && d.contains("cp-b"), "{d}");
+    let (s, d) = with(Ok(ca_metrics(365, 10)), Ok(ca_metrics(365, 3650)));
+    assert!(s == Status::Warn && d.contains("trust anchor expires in 10 days"), "{d}");
+    let (s, d) = with(Ok(ca_metrics(365, 0)), Ok(ca_metrics(365, 3650)));
+    assert!(s == Status::Fail && d.contains("trust anchor expired"), "{d}");
+    // A replica without a CA (the metric is 0, or absent in an older version).
+    let (s, d) = with(Ok(ca_metrics(365, 3650)), Ok("neutrino_cp_connected_proxies 2\n".into()));
+    assert!(s == Status::Fail && d.contains("no CA on cp-b"), "{d}");
+    let (s, d) = with(Err("502".into()), Err("timeout".into()));
+    assert!(s == Status::Warn && d.contains("cp-a: 502"), "{d}");
+    assert_eq!(with(Err("502".into()), Ok(ca_metrics(365, 3650))).0, Status::Pass);
+    let mut f = healthy();
+    f.metrics.clear();
+    assert!(evaluate(&f).iter().all(|r| r.name != "Mesh CA"), "no ready replica: the control-plane check says so");
+    assert_eq!(sample("x_total 3\nx 4\n", "x"), Some(4.0));
 }

@@ -40,6 +40,8 @@ pub struct Published {
     pub status: Arc<ArcSwap<SourceStatus>>,
     /// Load sharing between replicas, as `load` sees it.
     pub share: Arc<ArcSwap<crate::load::ShareStatus>>,
+    /// The trust-bundle lane, written by the CA task (`identity`); empty without a CA.
+    pub identity: watch::Receiver<Arc<Snapshot>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -49,14 +51,18 @@ pub struct DebounceSettings {
 }
 
 /// Starts the index task. It ends when the source's sender is dropped. Each published
-/// view also goes to `mesh` (for the capacity lane, `load`).
+/// view also goes to `mesh` (for the capacity lane, `load`). Endpoint identities are
+/// SPIFFE ids in `trust_domain`.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
+    trust_domain: String,
     source_name: String,
     mut events: mpsc::Receiver<SourceEvent>,
     debounce: DebounceSettings,
     metrics: Arc<Metrics>,
     mesh_tx: watch::Sender<Option<Arc<MeshState>>>,
     load: &crate::load::Started,
+    identity: watch::Receiver<Arc<Snapshot>>,
 ) -> Published {
     let (config_tx, config_rx) = watch::channel(Arc::new(Snapshot::default()));
     let status = Arc::new(ArcSwap::from_pointee(SourceStatus { source: source_name, ..Default::default() }));
@@ -65,6 +71,7 @@ pub fn spawn(
         capacity: load.capacity.clone(),
         status: Arc::clone(&status),
         share: Arc::clone(&load.status),
+        identity,
     };
 
     tokio::spawn(async move {
@@ -106,7 +113,7 @@ pub fn spawn(
                         metrics.openapi_errors.inc();
                     }
                     let next = generation + 1;
-                    let config = Snapshot::succeed(&config_tx.borrow(), next, translate::config(&mesh, &resolved.routes));
+                    let config = Snapshot::succeed(&config_tx.borrow(), next, translate::config(&mesh, &resolved.routes, &trust_domain));
                     let first = generation == 0;
                     if config.is_some() || first {
                         generation = next;

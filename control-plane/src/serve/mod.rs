@@ -96,13 +96,19 @@ fn jittered(d: Duration) -> Duration {
 
 /// Which lane a type's snapshot comes from.
 fn lane(type_url: &str) -> Lane {
-    if type_url == type_url::CAPACITY { Lane::Capacity } else { Lane::Config }
+    match type_url {
+        type_url::CAPACITY => Lane::Capacity,
+        type_url::TRUST_BUNDLE => Lane::Identity,
+        _ => Lane::Config,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
     Config,
     Capacity,
+    /// The TrustBundle, written by the CA task.
+    Identity,
 }
 
 struct Connection {
@@ -161,8 +167,10 @@ impl Connection {
         self.register(&node);
         let mut config_rx = self.published.config.clone();
         let mut capacity_rx = self.published.capacity.clone();
+        let mut identity_rx = self.published.identity.clone();
         config_rx.mark_unchanged();
         capacity_rx.mark_unchanged();
+        identity_rx.mark_unchanged();
         if let Err(end) = self.on_request(first).await {
             return end;
         }
@@ -181,6 +189,10 @@ impl Connection {
                 },
                 changed = capacity_rx.changed() => match changed {
                     Ok(()) => self.push_lane(Lane::Capacity).await,
+                    Err(_) => Err(End::Error(Status::unavailable("control plane is shutting down"))),
+                },
+                changed = identity_rx.changed() => match changed {
+                    Ok(()) => self.push_lane(Lane::Identity).await,
                     Err(_) => Err(End::Error(Status::unavailable("control plane is shutting down"))),
                 },
                 () = &mut deadline => Err(End::Error(Status::unavailable(
@@ -269,6 +281,7 @@ impl Connection {
         let snapshot: Arc<Snapshot> = match lane(type_url) {
             Lane::Config => Arc::clone(&self.published.config.borrow()),
             Lane::Capacity => Arc::clone(&self.published.capacity.borrow()),
+            Lane::Identity => Arc::clone(&self.published.identity.borrow()),
         };
         let Some(sub) = self.subs.get_mut(type_url) else { return Ok(()) };
         if sub.in_flight.is_some() {

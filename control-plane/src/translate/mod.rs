@@ -11,7 +11,10 @@ pub mod openapi;
 
 use neutrino_proto::{self as pb, Resource, resource::Body, type_url};
 
-use crate::model::{Capacity, MeshState, Reports, ServiceModel, pod_key};
+use crate::model::{Capacity, MeshPolicy, MeshState, Reports, ServiceModel, pod_key};
+
+/// The trust domain when none is configured (`--trust-domain`), as in Kubernetes.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// One type's resources, by name.
 pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
@@ -97,13 +100,17 @@ fn changed_names(old: &ResourceMap, new: &ResourceMap) -> Vec<String> {
     names
 }
 
-/// The config lane: `Service` (with routes from `routes`, by service key) and `Endpoints`.
+/// The config lane: `Service` (with routes from `routes`, by service key), `Endpoints`
+/// (meshed endpoints' identities in `trust_domain`) and `Policy`, one of each per
+/// service.
 pub fn config(
     mesh: &MeshState,
     routes: &BTreeMap<String, Arc<openapi::Routes>>,
+    trust_domain: &str,
 ) -> BTreeMap<&'static str, Arc<ResourceMap>> {
     let mut services = ResourceMap::new();
     let mut endpoints = ResourceMap::new();
+    let mut policies = ResourceMap::new();
     for (key, svc) in &mesh.services {
         services.insert(
             key.clone(),
@@ -114,10 +121,59 @@ pub fn config(
         );
         endpoints.insert(
             key.clone(),
-            Arc::new(Resource::with_content_version(key.clone(), Body::Endpoints(endpoints_of(key, svc)))),
+            Arc::new(Resource::with_content_version(
+                key.clone(),
+                Body::Endpoints(endpoints_of(key, svc, trust_domain)),
+            )),
+        );
+        policies.insert(
+            key.clone(),
+            Arc::new(Resource::with_content_version(key.clone(), Body::Policy(policy(key, svc, &mesh.policy)))),
         );
     }
-    BTreeMap::from([(type_url::SERVICE, Arc::new(services)), (type_url::ENDPOINTS, Arc::new(endpoints))])
+    BTreeMap::from([
+        (type_url::SERVICE, Arc::new(services)),
+        (type_url::ENDPOINTS, Arc::new(endpoints)),
+        (type_url::POLICY, Arc::new(policies)),
+    ])
+}
+
+/// A service's effective policy: its TLS mode is its own, else its namespace's, else
+/// the mesh's; its rules are its own, and without rules the mesh default decides. A
+/// service whose policy could not be read denies everyone.
+fn policy(key: &str, svc: &ServiceModel, mesh: &MeshPolicy) -> pb::Policy {
+    let tls = svc.policy.tls.or_else(|| mesh.namespaces.get(&svc.namespace).copied()).unwrap_or(mesh.tls);
+    if svc.policy.broken.is_some() {
+        return pb::Policy {
+            service: key.to_string(),
+            tls_mode: tls as i32,
+            default_action: pb::PolicyAction::Deny as i32,
+            allow: vec![],
+        };
+    }
+    pb::Policy {
+        service: key.to_string(),
+        tls_mode: tls as i32,
+        default_action: mesh.default_action as i32,
+        allow: svc
+            .policy
+            .allow
+            .iter()
+            .map(|r| pb::AllowRule {
+                identities: r.from.clone(),
+                operations: r.operations.clone(),
+                methods: r.methods.clone(),
+                paths: r.paths.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The SPIFFE id of `service_account` in `namespace`. Written out even when a part is
+/// not valid (the sources check service accounts, the binary the trust domain), so
+/// that a mistake is refused loudly by every proxy rather than turned into plaintext.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
 /// A load report counts for this long after it was measured; then its endpoint's load
@@ -190,7 +246,7 @@ fn service(svc: &ServiceModel, routes: Option<&openapi::Routes>) -> pb::Service 
     }
 }
 
-fn endpoints_of(key: &str, svc: &ServiceModel) -> pb::Endpoints {
+fn endpoints_of(key: &str, svc: &ServiceModel, trust_domain: &str) -> pb::Endpoints {
     pb::Endpoints {
         service: key.to_string(),
         endpoints: svc
@@ -204,7 +260,11 @@ fn endpoints_of(key: &str, svc: &ServiceModel) -> pb::Endpoints {
                 ready: e.ready,
                 capacity: Some(vector(e.capacity)),
                 pod: e.pod.clone(),
-                identity: String::new(),
+                identity: e
+                    .service_account
+                    .as_deref()
+                    .map(|sa| spiffe_id(trust_domain, &svc.namespace, sa))
+                    .unwrap_or_default(),
             })
             .collect(),
     }
@@ -220,6 +280,8 @@ mod tests {
     use crate::watch::mesh_file;
     use std::path::Path;
 
+    const TD: &str = DEFAULT_TRUST_DOMAIN;
+
     fn mesh(cpu: &str) -> MeshState {
         let text = format!(
             "services:\n- name: a\n  ports: [{{port: 80}}]\n  endpoints:\n  - {{address: 10.0.0.1, capacity: {{cpu: \"{cpu}\", memory: 1Gi}}}}\n- name: b\n  ports: [{{port: 81}}]\n"
@@ -229,8 +291,8 @@ mod tests {
 
     #[test]
     fn unchanged_services_keep_their_versions() {
-        let before = config(&mesh("1"), &BTreeMap::new());
-        let after = config(&mesh("2"), &BTreeMap::new());
+        let before = config(&mesh("1"), &BTreeMap::new(), TD);
+        let after = config(&mesh("2"), &BTreeMap::new(), TD);
         let v = |m: &BTreeMap<&str, Arc<ResourceMap>>, t: &str, n: &str| m[t][n].version.clone();
         assert_eq!(v(&before, type_url::SERVICE, "default/a"), v(&after, type_url::SERVICE, "default/a"));
         assert_ne!(v(&before, type_url::ENDPOINTS, "default/a"), v(&after, type_url::ENDPOINTS, "default/a"));
@@ -239,7 +301,7 @@ mod tests {
 
     #[test]
     fn endpoints_carry_capacity_in_integer_units() {
-        let cfg = config(&mesh("500m"), &BTreeMap::new());
+        let cfg = config(&mesh("500m"), &BTreeMap::new(), TD);
         let Some(Body::Endpoints(eps)) = &cfg[type_url::ENDPOINTS]["default/a"].body else { panic!("endpoints body") };
         let cap = eps.endpoints[0].capacity.expect("capacity");
         assert_eq!((cap.cpu_millis, cap.memory_bytes), (500, 1 << 30));
@@ -247,8 +309,11 @@ mod tests {
 
     #[test]
     fn snapshot_content_comparison() {
-        let snap =
-            |g, cpu| Snapshot { generation: g, by_type: config(&mesh(cpu), &BTreeMap::new()), ..Default::default() };
+        let snap = |g, cpu| Snapshot {
+            generation: g,
+            by_type: config(&mesh(cpu), &BTreeMap::new(), TD),
+            ..Default::default()
+        };
         let (a, b, c) = (snap(1, "1"), snap(2, "1"), snap(3, "3"));
         assert!(a.same_content(&b));
         assert!(!a.same_content(&c));
@@ -281,5 +346,57 @@ mod tests {
         reports.get_mut("default/a-1").expect("a-1").measured_at_ms = 10_900;
         let again = capacity(&m, &reports, 10_950);
         assert_eq!(again[type_url::CAPACITY]["default/a"].version, cap[type_url::CAPACITY]["default/a"].version);
+    }
+
+    fn body<'a>(cfg: &'a BTreeMap<&str, Arc<ResourceMap>>, t: &str, name: &str) -> &'a Body {
+        cfg[t][name].body.as_ref().expect("body")
+    }
+
+    #[test]
+    fn identities_and_effective_policies() {
+        let text = "policy:\n  default: deny\n  namespaces: {pay: {tls: strict}}\nservices:\n- name: ledger\n  namespace: pay\n  serviceAccount: ledger\n  ports: [{port: 80}]\n  policy:\n    allow: [{from: [\"spiffe://example.org/ns/shop/*\"], methods: [get]}]\n  endpoints:\n  - {address: 10.0.0.1, capacity: {cpu: 1, memory: 1Gi}}\n  - {address: 10.0.0.2, serviceAccount: \"\", capacity: {cpu: 1, memory: 1Gi}}\n- name: web\n  ports: [{port: 80}]\n  policy: {tls: strict}\n- name: open\n  namespace: pay\n  ports: [{port: 80}]\n  policy: {tls: permissive}\n- name: plain\n  ports: [{port: 80}]\n";
+        let m = mesh_file::parse(Path::new("m.yaml"), text.as_bytes()).expect("valid");
+        let cfg = config(&m, &BTreeMap::new(), "example.org");
+        let Body::Endpoints(eps) = body(&cfg, type_url::ENDPOINTS, "pay/ledger") else { panic!("endpoints") };
+        assert_eq!(eps.endpoints[0].identity, "spiffe://example.org/ns/pay/sa/ledger");
+        assert_eq!(eps.endpoints[1].identity, "", "opted out: not meshed");
+        assert_eq!(cfg[type_url::POLICY].len(), 4, "one Policy per service");
+        let policy = |name| match body(&cfg, type_url::POLICY, name) {
+            Body::Policy(p) => p.clone(),
+            _ => panic!("policy"),
+        };
+        let ledger = policy("pay/ledger");
+        assert_eq!(ledger.service, "pay/ledger");
+        assert_eq!(ledger.tls_mode, pb::TlsMode::Strict as i32, "from the namespace");
+        assert_eq!(ledger.default_action, pb::PolicyAction::Deny as i32);
+        assert_eq!(
+            ledger.allow,
+            vec![pb::AllowRule {
+                identities: vec!["spiffe://example.org/ns/shop/*".into()],
+                methods: vec!["GET".into()],
+                ..Default::default()
+            }]
+        );
+        assert_eq!(policy("default/web").tls_mode, pb::TlsMode::Strict as i32, "its own");
+        assert_eq!(policy("pay/open").tls_mode, pb::TlsMode::Permissive as i32, "its own beats the namespace's");
+        let plain = policy("default/plain");
+        assert_eq!((plain.tls_mode, plain.allow.len()), (pb::TlsMode::Permissive as i32, 0), "the mesh's");
+        // Versions follow content: another trust domain changes Endpoints, not Policy.
+        let other = config(&m, &BTreeMap::new(), "cluster.local");
+        assert_ne!(other[type_url::ENDPOINTS]["pay/ledger"].version, cfg[type_url::ENDPOINTS]["pay/ledger"].version);
+        assert_eq!(other[type_url::POLICY]["pay/ledger"].version, cfg[type_url::POLICY]["pay/ledger"].version);
+    }
+
+    #[test]
+    fn a_broken_policy_denies_everyone() {
+        let mut m = mesh("1");
+        let a = m.services.get_mut("default/a").expect("a");
+        a.policy.allow.push(crate::model::AllowRuleModel { from: vec!["*".into()], ..Default::default() });
+        a.policy.broken = Some("authorization policy default/x: spec: bad".into());
+        let cfg = config(&m, &BTreeMap::new(), TD);
+        let Body::Policy(p) = body(&cfg, type_url::POLICY, "default/a") else { panic!("policy") };
+        assert_eq!((p.default_action, p.allow.len()), (pb::PolicyAction::Deny as i32, 0));
+        let Body::Policy(b) = body(&cfg, type_url::POLICY, "default/b") else { panic!("policy") };
+        assert_eq!((b.default_action, b.allow.len()), (pb::PolicyAction::Allow as i32, 0));
     }
 }

@@ -3,7 +3,9 @@
 //! doubling to 30 s) keep reflector stores of Services, EndpointSlices, Pods and
 //! Namespaces, plus one watch per ConfigMap that a Service's `neutrino.io/openapi`
 //! annotation names; documents named by a path are fetched over HTTP from one of the
-//! Service's ready endpoints. On every change the whole view is rebuilt by the pure
+//! Service's ready endpoints; `AuthorizationPolicy` objects (`kube_policy`) are
+//! watched like the four kinds, and the view waits for them too (a mesh published
+//! without its policies would be open). On every change the whole view is rebuilt by the pure
 //! [`kube_translate::translate`] and sent as [`SourceEvent::Updated`] when it differs.
 //! It must not decide what objects mean (that is `kube_translate`), nor translate,
 //! version or push anything (index and serve do).
@@ -33,6 +35,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::SourceEvent;
+use super::kube_policy::AuthorizationPolicy;
 use super::kube_translate::{self, ANNOTATION_OPENAPI, ConfigMapRead, Fetch, Objects};
 use crate::model::{MeshState, SpecContent};
 
@@ -44,6 +47,9 @@ pub const RBAC_RULES: &str = r#"rules:
   verbs: ["list", "watch"]
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
+  verbs: ["list", "watch"]
+- apiGroups: ["policy.neutrino.io"]
+  resources: ["authorizationpolicies"]
   verbs: ["list", "watch"]
 "#;
 
@@ -82,6 +88,9 @@ fn status_code(e: &watcher::Error) -> Option<u16> {
 fn watch_hint(e: &watcher::Error) -> &'static str {
     match status_code(e) {
         Some(410) => "the watch fell too far behind (410 Gone): listing again",
+        Some(404) => {
+            "the API server does not know it: is its CustomResourceDefinition installed? (deploy/base, `neutrino install`); retrying with backoff"
+        }
         Some(401 | 403) => {
             "the control plane's service account needs list and watch on it: apply the rules in watch::kube::RBAC_RULES"
         }
@@ -155,6 +164,9 @@ const SERVICES: &str = "services";
 const SLICES: &str = "endpointslices";
 const PODS: &str = "pods";
 const NAMESPACES: &str = "namespaces";
+const POLICIES: &str = "authorizationpolicies";
+/// Every watch that must have listed before a view is published.
+const REQUIRED: [&str; 5] = [SERVICES, SLICES, PODS, NAMESPACES, POLICIES];
 
 impl KubeSource {
     pub fn new(settings: KubeSettings) -> Self {
@@ -203,6 +215,9 @@ impl KubeSource {
         let (namespaces, t) =
             spawn_watch(Api::<Namespace>::all(client.clone()), None, NAMESPACES.into(), &shared, strip_namespace);
         tasks.0.push(t);
+        let (policies, t) =
+            spawn_watch(Api::<AuthorizationPolicy>::all(client.clone()), None, POLICIES.into(), &shared, strip_meta);
+        tasks.0.push(t);
         let mut configmaps: BTreeMap<String, (Store<ConfigMap>, Tasks)> = BTreeMap::new();
         let mut fetcher = Fetcher::new(self.settings, Arc::clone(&shared));
 
@@ -220,7 +235,7 @@ impl KubeSource {
             }
             tokio::time::sleep(SETTLE).await;
             let status = shared.status();
-            let synced = [SERVICES, SLICES, PODS, NAMESPACES].iter().all(|k| status.synced.contains(*k));
+            let synced = REQUIRED.iter().all(|k| status.synced.contains(*k));
             if !synced {
                 let why = status.errors.values().next().cloned();
                 if let Some(why) = why.filter(|w| last_failed.as_ref() != Some(w)) {
@@ -252,6 +267,7 @@ impl KubeSource {
                 .collect();
             let fetched = fetcher.documents();
             let (svc, sl, po, ns) = (services.state(), slices.state(), pods.state(), namespaces.state());
+            let pol = policies.state();
             let t = kube_translate::translate(Objects {
                 services: &svc,
                 slices: &sl,
@@ -259,6 +275,7 @@ impl KubeSource {
                 namespaces: &ns,
                 configmaps: Some(&cm_reads),
                 fetched: Some(&fetched),
+                policies: &pol,
             });
 
             let wanted: BTreeSet<String> = t.configmaps.iter().map(|(ns, name)| format!("{ns}/{name}")).collect();
@@ -401,13 +418,19 @@ fn strip_pod(p: &mut Pod) {
         a.retain(|k, _| k.starts_with("neutrino.io/"));
     }
     p.status = None;
+    // Containers keep their names (the proxy's marks a meshed pod) and resources; init
+    // containers only their names (the native sidecar is one).
     p.spec = p.spec.take().map(|spec| PodSpec {
         containers: spec
             .containers
             .into_iter()
             .map(|c| Container { name: c.name, resources: c.resources, ..Default::default() })
             .collect(),
+        init_containers: spec
+            .init_containers
+            .map(|cs| cs.into_iter().map(|c| Container { name: c.name, ..Default::default() }).collect()),
         resources: spec.resources,
+        service_account_name: spec.service_account_name,
         ..Default::default()
     });
 }

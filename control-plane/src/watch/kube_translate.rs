@@ -37,6 +37,11 @@
 //!   CPU counts as [`DEFAULT_CPU_MILLIS`] and undeclared memory as
 //!   [`DEFAULT_MEMORY_BYTES`], so a best-effort Pod still takes traffic; an
 //!   undeclared GPU is none. A bad annotation is reported and ignored.
+//! - **Identity**: an endpoint whose Pod carries the injected proxy (a container or
+//!   native-sidecar init container named `neutrino-proxy`) runs as the Pod's
+//!   `serviceAccountName` ("default" when unset); other endpoints are not meshed.
+//! - **Policy**: `AuthorizationPolicy` objects and the `neutrino.io/tls` namespace
+//!   label, folded in by `kube_policy` (rules there).
 //! - **OpenAPI**: the Service annotation `neutrino.io/openapi` is either
 //!   `configmap:<name>/<key>` (a ConfigMap in the Service's namespace; `data` or
 //!   `binaryData`) or a path (`/openapi.json`) that the Service itself serves on its
@@ -86,6 +91,17 @@ pub enum Problem {
         "service {service}: annotation {ANNOTATION_OPENAPI} names a path but the service has no HTTP port to fetch it from"
     )]
     OpenapiNoPort { service: String },
+    #[error("authorization policy {policy}: {why}{}", service.as_ref().map(|s| format!("; service {s} denies every caller until it is fixed")).unwrap_or_default())]
+    PolicyInvalid { policy: String, service: Option<String>, why: String },
+    #[error(
+        "authorization policy {policy} names service {service}, which is not in the mesh; it has no effect (spec.service is a Service in the policy's namespace)"
+    )]
+    PolicyNoService { policy: String, service: String },
+    #[error(
+        "namespace {namespace}: label {}={value:?} is neither strict nor permissive; its services are strict until it is fixed",
+        super::kube_policy::LABEL_TLS
+    )]
+    TlsLabel { namespace: String, value: String },
 }
 
 /// Where a Service's OpenAPI document comes from, parsed from its annotation.
@@ -140,6 +156,8 @@ pub struct Objects<'a> {
     pub namespaces: &'a [Arc<Namespace>],
     pub configmaps: Option<&'a BTreeMap<String, ConfigMapRead>>,
     pub fetched: Option<&'a BTreeMap<String, SpecContent>>,
+    /// `AuthorizationPolicy` objects (see `kube_policy`).
+    pub policies: &'a [Arc<super::kube_policy::AuthorizationPolicy>],
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -251,6 +269,7 @@ pub fn translate(objects: Objects<'_>) -> Translation {
                     ready,
                     capacity,
                     pod: pod_name,
+                    service_account: pod.and_then(|p| meshed_service_account(p)),
                 };
                 match by_addr.get_mut(&address) {
                     Some(seen) if !seen.ready && model.ready => *seen = model,
@@ -321,10 +340,23 @@ pub fn translate(objects: Objects<'_>) -> Translation {
                 hostnames: model::default_hostnames(&namespace, name),
                 openapi,
                 endpoints,
+                policy: Default::default(),
             },
         );
     }
+    super::kube_policy::apply(&mut out.mesh, objects.namespaces, objects.policies, &mut out.problems);
     out
+}
+
+/// The service account a Pod's Neutrino proxy runs as: `spec.serviceAccountName`
+/// (Kubernetes' default is "default") when the Pod carries the injected proxy (a
+/// container or native-sidecar init container named [`PROXY_CONTAINER`]); `None` for a
+/// Pod without one, which is not meshed.
+pub fn meshed_service_account(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let proxy = |c: &k8s_openapi::api::core::v1::Container| c.name == PROXY_CONTAINER;
+    let meshed = spec.containers.iter().any(proxy) || spec.init_containers.iter().flatten().any(proxy);
+    meshed.then(|| spec.service_account_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()))
 }
 
 fn port_model(p: &ServicePort, slices: &[&EndpointSlice]) -> PortModel {

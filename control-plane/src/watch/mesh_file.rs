@@ -11,6 +11,7 @@ use neutrino_proto::Protocol;
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::mesh_policy::{self, FileMeshPolicy, FileServicePolicy};
 use crate::model::{self, Capacity, EndpointModel, MeshState, PortModel, ServiceModel};
 use crate::quantity;
 
@@ -27,6 +28,8 @@ pub enum MeshFileError {
 struct FileDoc {
     #[serde(default)]
     services: Vec<FileService>,
+    #[serde(default)]
+    policy: Option<FileMeshPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +49,11 @@ struct FileService {
     openapi: Option<PathBuf>,
     #[serde(default)]
     endpoints: Vec<FileEndpoint>,
+    /// The default for the endpoints' `serviceAccount`.
+    #[serde(default)]
+    service_account: Option<String>,
+    #[serde(default)]
+    policy: Option<FileServicePolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +92,10 @@ struct FileEndpoint {
     capacity: FileCapacity,
     #[serde(default)]
     name: String,
+    /// Set: the endpoint runs a Neutrino proxy as this service account; "": it does not
+    /// (even when the service gives a default).
+    #[serde(default, rename = "serviceAccount")]
+    service_account: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +171,14 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<MeshState, MeshFileError> {
     let text = String::from_utf8_lossy(bytes);
     let base = path.parent().unwrap_or(Path::new("."));
     let mut mesh = MeshState::default();
+    if let Some(p) = doc.policy {
+        mesh.policy = mesh_policy::mesh_policy(p).map_err(|message| MeshFileError::Invalid {
+            path: shown.clone(),
+            line: line_of_top_level(&text, "policy"),
+            what: "policy".into(),
+            message,
+        })?;
+    }
     let mut claimed: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
     let mut hostnames: BTreeMap<String, String> = BTreeMap::new();
     for (i, svc) in doc.services.into_iter().enumerate() {
@@ -244,6 +264,9 @@ fn check_service(svc: FileService, base: &Path) -> Result<ServiceModel, String> 
         if c.cpu == 0 && c.memory == 0 && c.gpu == 0 {
             return Err(format!("endpoints[{j}] ({}): capacity is all zero; give at least cpu and memory", ep.address));
         }
+        let service_account =
+            mesh_policy::service_account(&svc.namespace, svc.service_account.as_deref(), ep.service_account)
+                .map_err(|e| format!("endpoints[{j}] ({}): {e}", ep.address))?;
         endpoints.push(EndpointModel {
             address: ep.address,
             port,
@@ -252,8 +275,13 @@ fn check_service(svc: FileService, base: &Path) -> Result<ServiceModel, String> 
             ready: ep.ready,
             capacity: Capacity { cpu_millis: c.cpu, memory_bytes: c.memory, gpu: c.gpu },
             pod: ep.name,
+            service_account,
         });
     }
+    if let Some(sa) = svc.service_account.as_deref().filter(|s| !s.is_empty()) {
+        mesh_policy::service_account(&svc.namespace, Some(sa), None)?;
+    }
+    let policy = mesh_policy::service_policy(svc.policy)?;
     Ok(ServiceModel {
         name: svc.name,
         namespace: svc.namespace,
@@ -262,6 +290,7 @@ fn check_service(svc: FileService, base: &Path) -> Result<ServiceModel, String> 
         hostnames,
         openapi: svc.openapi.map(|p| if p.is_absolute() { p } else { base.join(p) }).map(|p| p.display().to_string()),
         endpoints,
+        policy,
     })
 }
 
@@ -273,6 +302,13 @@ fn check_dns_label(field: &str, v: &str) -> Result<(), String> {
         && !v.starts_with('-')
         && !v.ends_with('-');
     if ok { Ok(()) } else { Err(format!("{field} {v:?} is not a DNS label (a-z, 0-9 and '-', at most 63 characters)")) }
+}
+
+/// 1-based line of the top-level `key:`, or 0.
+fn line_of_top_level(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':')))
+        .map_or(0, |i| i + 1)
 }
 
 /// 1-based line of the `i`th item of the top-level `services:` list, for messages about
@@ -405,5 +441,124 @@ services:
     #[test]
     fn empty_file_is_an_empty_mesh() {
         assert_eq!(parse_str("services: []\n").expect("ok"), MeshState::default());
+    }
+
+    const POLICY: &str = r#"policy:
+  default: deny
+  tls: permissive
+  namespaces:
+    payments: {tls: strict}
+services:
+  - name: ledger
+    namespace: payments
+    serviceAccount: ledger
+    ports: [{port: 80}]
+    policy:
+      tls: permissive
+      allow:
+        - from: [spiffe://cluster.local/ns/shop/sa/orders]
+          operations: [postEntry]
+          methods: [post]
+          paths: [/entries, /entries/*]
+        - from: ["*"]
+    endpoints:
+      - address: 10.1.0.7
+        capacity: {cpu: "2", memory: 4Gi}
+      - address: 10.1.0.8
+        serviceAccount: ""
+        capacity: {cpu: "2", memory: 4Gi}
+      - address: 10.1.0.9
+        serviceAccount: ledger-canary
+        capacity: {cpu: "2", memory: 4Gi}
+  - name: web
+    ports: [{port: 80}]
+    endpoints:
+      - address: 10.1.0.10
+        capacity: {cpu: "2", memory: 4Gi}
+"#;
+
+    #[test]
+    fn identities_and_policies_are_read() {
+        use neutrino_proto::{PolicyAction, TlsMode};
+        let mesh = parse_str(POLICY).expect("valid");
+        assert_eq!(mesh.policy.default_action, PolicyAction::Deny);
+        assert_eq!(mesh.policy.tls, TlsMode::Permissive);
+        assert_eq!(mesh.policy.namespaces["payments"], TlsMode::Strict);
+        let ledger = &mesh.services["payments/ledger"];
+        let sas: Vec<Option<&str>> = ledger.endpoints.iter().map(|e| e.service_account.as_deref()).collect();
+        assert_eq!(sas, [Some("ledger"), None, Some("ledger-canary")]);
+        assert_eq!(ledger.policy.tls, Some(TlsMode::Permissive));
+        assert_eq!(ledger.policy.allow.len(), 2);
+        assert_eq!(ledger.policy.allow[0].methods, ["POST"]);
+        assert_eq!(ledger.policy.allow[1].from, ["*"]);
+        let web = &mesh.services["default/web"];
+        assert_eq!(web.endpoints[0].service_account, None, "no serviceAccount: not meshed");
+        assert_eq!(web.policy, Default::default());
+        assert_eq!(parse_str(GOOD).expect("valid").policy, Default::default(), "no policy: allow, permissive");
+    }
+
+    #[test]
+    fn policy_errors_name_the_service_the_rule_and_the_line() {
+        let e = |text: &str| parse_str(text).expect_err(text).to_string();
+        let bad = POLICY.replace("from: [\"*\"]", "from: [orders]");
+        let msg = e(&bad);
+        assert!(msg.starts_with("/etc/neutrino/mesh.yaml:7: services[0] (payments/ledger): policy.allow[1].from: \"orders\" is not a SPIFFE id"), "{msg}");
+        let msg = e(&POLICY.replace("methods: [post]", "methods: [\"po st\"]"));
+        assert!(msg.contains("(payments/ledger): policy.allow[0].methods: \"PO ST\" is not an HTTP method"), "{msg}");
+        let msg = e(&POLICY.replace("/entries/*]", "entries/*]"));
+        assert!(msg.contains("policy.allow[0].paths: \"entries/*\" must start with '/'"), "{msg}");
+        let msg = e(&POLICY.replace("serviceAccount: ledger-canary", "serviceAccount: Ledger"));
+        assert!(msg.contains("(payments/ledger): endpoints[2] (10.1.0.9): serviceAccount: service account \"Ledger\" is not a DNS subdomain name"), "{msg}");
+        let msg = e(&POLICY.replace("    serviceAccount: ledger\n", "    serviceAccount: Ledger\n"));
+        assert!(
+            msg.contains("(payments/ledger): endpoints[0] (10.1.0.7): serviceAccount: service account \"Ledger\""),
+            "{msg}"
+        );
+        let no_eps = "services:\n- name: a\n  serviceAccount: A_1\n  ports: [{port: 1}]\n";
+        assert!(
+            e(no_eps).contains("services[0] (default/a): serviceAccount: service account \"A_1\""),
+            "{}",
+            e(no_eps)
+        );
+        let msg = e(&POLICY.replace("    payments: {tls: strict}", "    Payments: {tls: strict}"));
+        assert!(
+            msg.starts_with("/etc/neutrino/mesh.yaml:1: policy: namespaces: \"Payments\" is not a namespace name"),
+            "{msg}"
+        );
+        let msg = e(&POLICY.replace("default: deny", "default: block"));
+        assert!(
+            msg.starts_with(
+                "/etc/neutrino/mesh.yaml:2:12: policy.default: unknown variant `block`, expected `allow` or `deny`"
+            ),
+            "{msg}"
+        );
+        let msg = e(&POLICY.replace("      tls: permissive", "      tls: mtls"));
+        assert!(
+            msg.contains("services[0].policy.tls: unknown variant `mtls`, expected `permissive` or `strict`"),
+            "{msg}"
+        );
+        let msg = e(&POLICY.replace("- from: [\"*\"]", "- form: [\"*\"]"));
+        assert!(
+            msg.contains("unknown field `form`, expected one of `from`, `operations`, `methods`, `paths`"),
+            "{msg}"
+        );
+        let msg = e(&format!("{GOOD}version: 2\n"));
+        assert!(msg.contains("unknown field `version`, expected `services` or `policy`"), "{msg}");
+    }
+
+    #[test]
+    fn zz_print_doc_messages() {
+        let base = GOOD.trim_start_matches('\n');
+        let cases = [
+            base.replace("  - name: users\n", "  - name: users\n    serviceAccount: users\n    polcy: {}\n"),
+            format!("{base}version: 2\n"),
+            format!("{base}policy: {{default: block}}\n"),
+            format!("{base}    policy: {{allow: [{{from: [orders]}}]}}\n"),
+            base.replace("        ready: false\n", "        ready: false\n        serviceAccount: Orders\n"),
+            base.replace("zone: a", "zoen: a"),
+        ];
+        for c in cases {
+            eprintln!("MSG {}", parse(Path::new("mesh.yaml"), c.as_bytes()).expect_err("bad"));
+        }
     }
 }

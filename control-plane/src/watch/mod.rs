@@ -4,8 +4,10 @@
 
 pub mod file;
 pub mod kube;
+pub mod kube_policy;
 pub mod kube_translate;
 pub mod mesh_file;
+mod mesh_policy;
 
 use crate::model::MeshState;
 

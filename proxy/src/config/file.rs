@@ -14,8 +14,14 @@ use tokio::sync::mpsc;
 use super::stream::StreamStatus;
 use super::{Applier, Update};
 
-/// Runs until the process ends.
+/// Runs until the process ends; endpoint identities in the default trust domain.
 pub async fn run(path: PathBuf, applier: Applier, status: Arc<ArcSwap<StreamStatus>>) {
+    run_in(path, translate::DEFAULT_TRUST_DOMAIN.to_string(), applier, status).await;
+}
+
+/// Runs until the process ends; meshed endpoints' identities are SPIFFE ids in
+/// `trust_domain`, as the control plane given the same `--trust-domain` would make them.
+pub async fn run_in(path: PathBuf, trust_domain: String, applier: Applier, status: Arc<ArcSwap<StreamStatus>>) {
     let shown = path.display().to_string();
     status.store(Arc::new(StreamStatus { control_plane: shown.clone(), state: "local".into(), ..Default::default() }));
     let (tx, mut rx) = mpsc::channel(2);
@@ -35,7 +41,7 @@ pub async fn run(path: PathBuf, applier: Applier, status: Arc<ArcSwap<StreamStat
         for (service, why) in &resolved.errors {
             tracing::error!(%service, "config: {why}; keeping its last good routes");
         }
-        let mut types = translate::config(&mesh, &resolved.routes);
+        let mut types = translate::config(&mesh, &resolved.routes, &trust_domain);
         // No proxy reports load in file mode: every endpoint's load is unknown.
         types.extend(translate::capacity(&mesh, &Default::default(), 0));
         let mut updates = Vec::new();

@@ -33,6 +33,9 @@ pub struct StreamSettings {
     pub node: Node,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// When set, the control plane is reached over TLS verified against these anchors
+    /// (its TLS port, 15012); plaintext otherwise.
+    pub trust: Option<Arc<crate::identity::tls::Trust>>,
 }
 
 /// The stream's state, for `/config_dump`. Written only by the stream task.
@@ -64,9 +67,9 @@ pub struct TypeStatus {
 #[derive(Debug, Error)]
 enum SessionError {
     #[error(
-        "connecting to the control plane at {addr}: {source}; check NEUTRINO_CONTROL_PLANE and that the control plane is running"
+        "connecting to the control plane at {addr}: {cause}; check NEUTRINO_CONTROL_PLANE (the TLS port 15012 with --ca-file) and that the control plane is running"
     )]
-    Connect { addr: String, source: tonic::transport::Error },
+    Connect { addr: String, cause: String },
     #[error("control plane address {0:?} is not a valid URI; use host:port or http://host:port")]
     Address(String),
     #[error("opening the discovery stream: {0}")]
@@ -82,10 +85,6 @@ enum SessionError {
 pub fn backoff(attempt: u32, min: Duration, max: Duration, unit: f64) -> Duration {
     let exp = min.saturating_mul(1u32 << attempt.min(16)).min(max);
     exp.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
-}
-
-fn endpoint_uri(addr: &str) -> String {
-    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
 }
 
 /// The addresses in a `control_plane` setting, in order.
@@ -156,15 +155,13 @@ async fn session(
     got_response: &mut bool,
     mut reports: Option<&mut crate::LoadReports>,
 ) -> Result<(), SessionError> {
-    let uri = endpoint_uri(addr);
-    let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
-        .map_err(|_| SessionError::Address(addr.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let channel =
-        endpoint.connect().await.map_err(|source| SessionError::Connect { addr: addr.to_string(), source })?;
+    let anchors = settings.trust.as_ref().map(|t| t.anchors_pem());
+    let endpoint = crate::identity::control_plane_endpoint(addr, anchors.as_ref().map(|a| a.as_slice()))
+        .map_err(|_| SessionError::Address(addr.to_string()))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| SessionError::Connect { addr: addr.to_string(), cause: crate::error_chain(&e) })?;
     let mut client = DiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
 
     let (tx, rx) = mpsc::channel(16);
@@ -299,8 +296,10 @@ mod tests {
     }
 
     #[test]
-    fn addresses_get_a_scheme() {
-        assert_eq!(endpoint_uri("cp:15010"), "http://cp:15010");
-        assert_eq!(endpoint_uri("https://cp:15012"), "https://cp:15012");
+    fn addresses_get_the_scheme_tls_says() {
+        let e = crate::identity::control_plane_endpoint("cp:15010", None).expect("valid");
+        assert_eq!(e.uri().to_string(), "http://cp:15010/");
+        let e = crate::identity::control_plane_endpoint("http://cp:15012", Some(&[])).expect("valid");
+        assert_eq!(e.uri().to_string(), "https://cp:15012/");
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use neutrino_proto::spiffe::{self, SpiffeId};
 use neutrino_proto::{self as pb, Resource, resource::Body};
 use thiserror::Error;
 
@@ -44,7 +45,8 @@ pub fn check(type_url: &str, upserts: &[Resource], services_after: &ResourceMap)
             Some(Body::Service(s)) => service(&label, &r.name, s, &mut out),
             Some(Body::Endpoints(e)) => endpoints(&label, &r.name, e, &mut out),
             Some(Body::Capacity(c)) => capacity(&label, &r.name, c, &mut out),
-            Some(Body::TrustBundle(_)) | Some(Body::Policy(_)) => {}
+            Some(Body::TrustBundle(t)) => trust_bundle(&label, &r.name, t, &mut out),
+            Some(Body::Policy(p)) => policy(&label, &r.name, p, &mut out),
         }
     }
     if type_url == pb::type_url::SERVICE {
@@ -111,6 +113,93 @@ fn endpoints(label: &str, name: &str, e: &pb::Endpoints, out: &mut Vec<Problem>)
         match ep.capacity {
             Some(c) if c.cpu_millis > 0 || c.memory_bytes > 0 || c.gpu > 0 => {}
             _ => out.push(problem(label, format!("endpoints[{i}] ({}) has no capacity", ep.address))),
+        }
+        if !ep.identity.is_empty()
+            && let Err(e) = ep.identity.parse::<SpiffeId>()
+        {
+            out.push(problem(label, format!("endpoints[{i}] ({}) identity: {e}", ep.address)));
+        }
+    }
+}
+
+/// The name every mesh's one `TrustBundle` has.
+pub const TRUST_BUNDLE_NAME: &str = "mesh";
+
+fn trust_bundle(label: &str, name: &str, t: &pb::TrustBundle, out: &mut Vec<Problem>) {
+    if name != TRUST_BUNDLE_NAME {
+        out.push(problem(label, format!("the trust bundle must be named {TRUST_BUNDLE_NAME:?}")));
+    }
+    if let Err(e) = SpiffeId::new(&t.trust_domain, "ns", "sa") {
+        out.push(problem(label, e.to_string()));
+    }
+    if t.anchors_pem.is_empty() {
+        out.push(problem(label, "has no trust anchors; a proxy could verify no peer"));
+    }
+    for (i, pem) in t.anchors_pem.iter().enumerate() {
+        if let Err(why) = anchor(pem) {
+            out.push(problem(label, format!("anchors_pem[{i}]: {why}")));
+        }
+    }
+}
+
+/// One anchor: exactly one PEM certificate, a CA.
+fn anchor(pem: &str) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut certs = CertificateDer::pem_slice_iter(pem.as_bytes());
+    let der = match certs.next() {
+        None => return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()),
+        Some(Err(e)) => return Err(format!("is not valid PEM: {e}")),
+        Some(Ok(der)) => der,
+    };
+    if certs.next().is_some() {
+        return Err("holds more than one certificate; give each anchor its own entry".into());
+    }
+    match x509_parser::parse_x509_certificate(&der) {
+        Err(e) => Err(format!("is not an X.509 certificate: {e}")),
+        Ok((rest, _)) if !rest.is_empty() => Err("has bytes after the certificate".into()),
+        Ok((_, cert)) if !cert.is_ca() => Err("is not a CA certificate (basicConstraints CA:TRUE)".into()),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// A resource name of the form "<namespace>/<name>".
+fn qualified(name: &str) -> bool {
+    matches!(name.split_once('/'), Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/'))
+}
+
+fn policy(label: &str, name: &str, p: &pb::Policy, out: &mut Vec<Problem>) {
+    if p.service != name {
+        out.push(problem(label, format!("names service {:?} but the resource is {name:?}", p.service)));
+    } else if !qualified(name) {
+        out.push(problem(label, "must be named \"<namespace>/<service>\" like its Service"));
+    }
+    if pb::TlsMode::try_from(p.tls_mode).is_err() {
+        out.push(problem(label, format!("unknown tls_mode {}", p.tls_mode)));
+    }
+    if pb::PolicyAction::try_from(p.default_action).is_err() {
+        out.push(problem(label, format!("unknown default_action {}", p.default_action)));
+    }
+    for (i, rule) in p.allow.iter().enumerate() {
+        let mut bad = |what: String| out.push(problem(label, format!("allow[{i}]: {what}")));
+        for id in &rule.identities {
+            if let Err(e) = spiffe::check_pattern(id) {
+                bad(format!("identity {e}"));
+            }
+        }
+        for op in &rule.operations {
+            if op.is_empty() {
+                bad("an operation is empty".into());
+            }
+        }
+        for m in &rule.methods {
+            if !crate::route::policy::valid_method(m) {
+                bad(format!("method {m:?} is not an upper-case HTTP method (e.g. GET)"));
+            }
+        }
+        for path in &rule.paths {
+            if !crate::route::policy::valid_path(path) {
+                bad(format!("path {path:?} must start with '/' and may only end in '*'"));
+            }
         }
     }
 }
@@ -244,5 +333,140 @@ mod tests {
         let p = check(type_url::SERVICE, &[s], &ResourceMap::new());
         let all = format!("{p:?}");
         assert!(all.contains("out of range") && all.contains("listed twice") && all.contains("not an IP"), "{all}");
+    }
+
+    fn pol(name: &str, service: &str, rules: Vec<pb::AllowRule>) -> Resource {
+        Resource::with_content_version(
+            name.into(),
+            Body::Policy(pb::Policy { service: service.into(), allow: rules, ..Default::default() }),
+        )
+    }
+
+    fn texts(p: &[Problem]) -> String {
+        p.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn policies_are_checked_rule_by_rule() {
+        let good = pb::AllowRule {
+            identities: vec!["*".into(), "spiffe://cluster.local/ns/shop/*".into(), "spiffe://td/ns/a/sa/b".into()],
+            operations: vec!["charge".into()],
+            methods: vec!["GET".into(), "VERSION-CONTROL".into()],
+            paths: vec!["/a".into(), "/b/*".into()],
+        };
+        let ok = pol("shop/pay", "shop/pay", vec![good, pb::AllowRule::default()]);
+        assert_eq!(check(type_url::POLICY, &[ok], &ResourceMap::new()), vec![]);
+        let bad = pb::AllowRule {
+            identities: vec!["spiffe://cluster.local/ns/sh*".into(), "orders".into()],
+            operations: vec![String::new()],
+            methods: vec!["get".into(), "G T".into()],
+            paths: vec!["a".into(), "/a*b".into()],
+        };
+        let p = check(
+            type_url::POLICY,
+            &[pol("shop/pay", "shop/pay", vec![pb::AllowRule::default(), bad])],
+            &ResourceMap::new(),
+        );
+        let all = texts(&p);
+        assert_eq!(p.len(), 7, "{all}");
+        assert!(p.iter().all(|p| p.resource == "Policy shop/pay" && p.problem.starts_with("allow[1]: ")), "{all}");
+        for want in [
+            "identity \"spiffe://cluster.local/ns/sh*\"",
+            "identity \"orders\"",
+            "operation is empty",
+            "method \"get\"",
+            "method \"G T\"",
+            "path \"a\"",
+            "path \"/a*b\"",
+        ] {
+            assert!(all.contains(want), "{want} in {all}");
+        }
+    }
+
+    #[test]
+    fn policy_names_and_enums_are_checked() {
+        let p = check(type_url::POLICY, &[pol("shop/pay", "shop/other", vec![])], &ResourceMap::new());
+        assert!(texts(&p).contains("names service \"shop/other\""), "{p:?}");
+        let p = check(type_url::POLICY, &[pol("pay", "pay", vec![])], &ResourceMap::new());
+        assert!(texts(&p).contains("<namespace>/<service>"), "{p:?}");
+        let mut r = pol("shop/pay", "shop/pay", vec![]);
+        if let Some(Body::Policy(b)) = &mut r.body {
+            b.tls_mode = 5;
+            b.default_action = 6;
+        }
+        let all = texts(&check(type_url::POLICY, &[r], &ResourceMap::new()));
+        assert!(all.contains("unknown tls_mode 5") && all.contains("unknown default_action 6"), "{all}");
+    }
+
+    #[test]
+    fn endpoint_identities_are_empty_or_spiffe_ids() {
+        let mut e = eps("default/a", &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
+        if let Some(Body::Endpoints(b)) = &mut e.body {
+            b.endpoints[1].identity = "spiffe://cluster.local/ns/default/sa/a".into();
+            b.endpoints[2].identity = "default/a".into();
+        }
+        let p = check(type_url::ENDPOINTS, &[e], &ResourceMap::new());
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].problem.starts_with("endpoints[2] (10.1.0.3) identity: \"default/a\" is not a SPIFFE id"),
+            "{p:?}"
+        );
+    }
+
+    fn ca_pem(ca: bool) -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec![]).expect("params");
+        if ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        params.self_signed(&key).expect("cert").pem()
+    }
+
+    fn bundle(name: &str, td: &str, anchors: Vec<String>) -> Resource {
+        Resource::with_content_version(
+            name.into(),
+            Body::TrustBundle(pb::TrustBundle { trust_domain: td.into(), anchors_pem: anchors }),
+        )
+    }
+
+    #[test]
+    fn trust_bundles_hold_one_ca_certificate_per_anchor() {
+        let (a, b) = (ca_pem(true), ca_pem(true));
+        let ok = bundle("mesh", "cluster.local", vec![a.clone(), b.clone()]);
+        assert_eq!(check(type_url::TRUST_BUNDLE, &[ok], &ResourceMap::new()), vec![]);
+        let garbled = a.replace("MII", "M!I");
+        let truncated = a[..a.len() / 2].to_string();
+        let bad = bundle(
+            "mesh",
+            "cluster.local",
+            vec![
+                format!("{a}{b}"),
+                "hello".into(),
+                ca_pem(false),
+                garbled,
+                truncated,
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
+            ],
+        );
+        let p = check(type_url::TRUST_BUNDLE, &[bad], &ResourceMap::new());
+        let all = texts(&p);
+        assert_eq!(p.len(), 6, "{all}");
+        assert!(p[0].problem.starts_with("anchors_pem[0]: holds more than one certificate"), "{all}");
+        assert!(p[1].problem.starts_with("anchors_pem[1]: holds no PEM certificate"), "{all}");
+        assert!(p[2].problem.starts_with("anchors_pem[2]: is not a CA certificate"), "{all}");
+        assert!(p[3].problem.starts_with("anchors_pem[3]: "), "{all}");
+        assert!(p[4].problem.starts_with("anchors_pem[4]: "), "{all}");
+        assert!(p[5].problem.starts_with("anchors_pem[5]: is not an X.509 certificate"), "{all}");
+    }
+
+    #[test]
+    fn trust_bundle_name_domain_and_anchor_count() {
+        let p = check(type_url::TRUST_BUNDLE, &[bundle("other", "Cluster.local", vec![])], &ResourceMap::new());
+        let all = texts(&p);
+        assert_eq!(p.len(), 3, "{all}");
+        assert!(
+            all.contains("must be named \"mesh\"") && all.contains("trust domain") && all.contains("no trust anchors"),
+            "{all}"
+        );
     }
 }

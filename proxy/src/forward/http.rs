@@ -190,7 +190,11 @@ async fn forward_to_service(
             l.attempts = attempt;
         }
         let hold = InFlight::new(Arc::clone(&endpoint.load), cost);
-        let mut head = match upstream::prepare(&parts, &target, h2, upgrading) {
+        let mtls = endpoint.identity.is_some() && shared.mesh_tls().is_some();
+        if endpoint.identity.is_some() && !mtls {
+            shared.metrics.security.outbound_plaintext_to_meshed.inc();
+        }
+        let mut head = match upstream::prepare(&parts, &target, h2, upgrading, mtls) {
             Ok(h) => h,
             Err(f) => return logged(shared, &svc, op, started, log, failure_answer(f)),
         };
@@ -410,7 +414,7 @@ async fn passthrough(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming
     let upgrading = !h2 && upstream::is_upgrade(&req);
     let downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let head = match upstream::prepare(&parts, &target, h2, upgrading) {
+    let head = match upstream::prepare(&parts, &target, h2, upgrading, false) {
         Ok(h) => h,
         Err(f) => return failure_answer(f),
     };

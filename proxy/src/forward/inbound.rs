@@ -86,11 +86,17 @@ pub fn parse_load(v: &HeaderValue) -> Option<[u64; DIMS]> {
     parse_triplet(v)
 }
 
-/// Handles one request for this pod: forwards it to the app at `app`.
-pub async fn handle(shared: Arc<Shared>, app: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+/// Handles one request for this pod: forwards it to the app at `app` if policy lets
+/// `peer` (the caller's identity, verified by mesh mTLS; None without) make it.
+pub async fn handle(
+    shared: Arc<Shared>,
+    app: SocketAddr,
+    req: Request<Incoming>,
+    peer: Option<Arc<str>>,
+) -> Response<ProxyBody> {
     // The request's SERVER span, when tracing is on: ended at the response head.
     let mut span = None;
-    let resp = to_app(&shared, app, req, &mut span).await;
+    let resp = to_app(&shared, app, req, &mut span, peer).await;
     if let Some(s) = span {
         s.end(resp.status(), resp.headers().get(super::http::REASON));
     }
@@ -102,6 +108,7 @@ async fn to_app(
     app: SocketAddr,
     mut req: Request<Incoming>,
     span: &mut Option<crate::telemetry::trace::HopSpan>,
+    peer: Option<Arc<str>>,
 ) -> Response<ProxyBody> {
     let upgrading = req.version() != Version::HTTP_2 && upstream::is_upgrade(&req);
     let downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
@@ -125,11 +132,17 @@ async fn to_app(
         let mesh = shared.mesh.load();
         let route =
             mesh.service_of_pod(&shared.settings.pod).map(|s| (&**s, s.routes.lookup(&parts.method, parts.uri.path())));
-        *span = Some(t.server_span(&parts.method, parts.uri.path(), &parts.headers, route, &shared.settings.pod));
+        let mut s = t.server_span(&parts.method, parts.uri.path(), &parts.headers, route, &shared.settings.pod);
+        s.set_peer(peer.as_ref());
+        *span = Some(s);
+    }
+    if let Some(denied) = authorize(shared, &parts, peer.as_deref()) {
+        count(Some(denied.status().as_u16()));
+        return denied;
     }
     let held = shared.pod_load.hold(cost);
     let h2 = parts.version == Version::HTTP_2;
-    let mut head = match upstream::prepare(&parts, &app.to_string(), h2, upgrading) {
+    let mut head = match upstream::prepare(&parts, &app.to_string(), h2, upgrading, false) {
         Ok(h) => h,
         Err(f) => return super::http::failure_answer(f),
     };
@@ -164,6 +177,29 @@ async fn to_app(
             let answer = super::http::failure_answer(f);
             count(Some(answer.status().as_u16()));
             answer
+        }
+    }
+}
+
+/// The 403 policy gives this request, if it denies it (counted and logged).
+fn authorize(shared: &Shared, parts: &http::request::Parts, peer: Option<&str>) -> Option<Response<ProxyBody>> {
+    let mesh = shared.mesh.load();
+    let svc = mesh.service_of_pod(&shared.settings.pod)?;
+    let op = svc.routes.lookup(&parts.method, parts.uri.path());
+    let op_id = (!op.operation_id.is_empty()).then_some(&*op.operation_id);
+    match svc.policy.authorize(peer, Some((&parts.method, parts.uri.path(), op_id))) {
+        crate::route::Decision::Allow => None,
+        crate::route::Decision::Deny { reason } => {
+            let label = crate::metrics::ServiceLabel { service: svc.key.to_string() };
+            shared.metrics.security.policy_denials.get_or_create(&label).inc();
+            tracing::info!(
+                service = %svc.key, peer = peer.unwrap_or("-"), method = %parts.method, path = parts.uri.path(),
+                "inbound: policy denied a request: {reason}"
+            );
+            let mut r = Response::new(super::body::local(format!("{reason}\n")));
+            *r.status_mut() = http::StatusCode::FORBIDDEN;
+            r.headers_mut().insert(super::http::REASON, HeaderValue::from_static(reason));
+            Some(r)
         }
     }
 }

@@ -7,6 +7,7 @@
 //! where a request goes: route and select do.
 
 pub mod body;
+pub mod connect;
 pub mod http;
 pub mod inbound;
 pub mod retry;
@@ -18,9 +19,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::identity::{Alpn, MeshTls};
 use crate::route::Mesh;
 
 /// Tunables of the data path.
@@ -66,29 +67,38 @@ impl Default for DataSettings {
     }
 }
 
-/// Pools of upstream connections, keyed by endpoint address (so one pool per
-/// endpoint), one client per upstream protocol.
+/// Pools of upstream connections, keyed by scheme and endpoint address (so one pool
+/// per endpoint, and mTLS connections never mix with plain ones), one client per
+/// upstream protocol.
 #[derive(Debug, Clone)]
 pub struct Upstreams {
-    pub http1: Client<HttpConnector, upstream::UpstreamBody>,
-    pub http2: Client<HttpConnector, upstream::UpstreamBody>,
+    pub http1: Client<connect::MeshConnector, upstream::UpstreamBody>,
+    pub http2: Client<connect::MeshConnector, upstream::UpstreamBody>,
 }
 
 impl Upstreams {
-    pub fn new(s: &DataSettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(s.connect_timeout));
-        // The target is always an address we chose, never a URL from the client.
-        connector.enforce_http(true);
+    pub fn new(
+        s: &DataSettings,
+        tls: Option<Arc<MeshTls>>,
+        mesh: Arc<ArcSwap<Mesh>>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        // Targets are always addresses we chose, never URLs from a client.
+        let connector = |alpn| connect::MeshConnector {
+            tls: tls.clone(),
+            mesh: Arc::clone(&mesh),
+            alpn,
+            connect_timeout: s.connect_timeout,
+            metrics: Arc::clone(&metrics),
+        };
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(s.pool_idle_timeout)
             .pool_max_idle_per_host(s.pool_max_idle_per_endpoint)
-            .build(connector.clone());
+            .build(connector(Alpn::Http1));
         let http2 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(s.pool_idle_timeout)
             .http2_only(true)
-            .build(connector);
+            .build(connector(Alpn::H2));
         Upstreams { http1, http2 }
     }
 }
@@ -107,4 +117,13 @@ pub struct Shared {
     pub request_log: Option<crate::telemetry::request_log::RequestLog>,
     /// Spans per request, when tracing is on (`telemetry::trace`).
     pub tracing: Option<Arc<crate::telemetry::trace::Tracing>>,
+    /// This proxy's mesh identity and TLS, when identity is configured.
+    pub tls: Option<Arc<MeshTls>>,
+}
+
+impl Shared {
+    /// The mesh TLS to use now: configured and holding a certificate.
+    pub fn mesh_tls(&self) -> Option<&Arc<MeshTls>> {
+        self.tls.as_ref().filter(|t| t.has_certificate())
+    }
 }

@@ -76,11 +76,12 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
-/// The request head for `target`, from the client's head.
-pub fn prepare(parts: &Parts, target: &str, h2: bool, upgrading: bool) -> Result<Parts, Failure> {
+/// The request head for `target`, from the client's head. `mtls`: the target is a
+/// meshed endpoint called over mesh mTLS (the pool's connector sees `https`).
+pub fn prepare(parts: &Parts, target: &str, h2: bool, upgrading: bool, mtls: bool) -> Result<Parts, Failure> {
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let uri = Uri::builder()
-        .scheme("http")
+        .scheme(if mtls { "https" } else { "http" })
         .authority(target)
         .path_and_query(path)
         .build()
@@ -114,11 +115,11 @@ pub async fn send(
     match tokio::time::timeout(timeout, client.request(Request::from_parts(head, body))).await {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) if caused_by_request_body(&e) => {
-            Err(Failure::BadRequestBody(format!("request body could not be read: {}", error_chain(&e))))
+            Err(Failure::BadRequestBody(format!("request body could not be read: {}", crate::error_chain(&e))))
         }
         Ok(Err(e)) => {
             let target = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-            Err(Failure::Connection(format!("upstream {target} failed: {}", error_chain(&e))))
+            Err(Failure::Connection(format!("upstream {target} failed: {}", crate::error_chain(&e))))
         }
         Err(_) => Err(Failure::Timeout(timeout)),
     }
@@ -158,17 +159,6 @@ fn caused_by_request_body(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,7 +193,7 @@ mod tests {
         let (mut parts, ()) = Request::new(()).into_parts();
         parts.uri = "http://orders.shop/a/b?c=1".parse().expect("uri");
         parts.headers.insert(header::HOST, HeaderValue::from_static("orders.shop"));
-        let head = prepare(&parts, "10.1.0.7:8080", false, false).expect("ok");
+        let head = prepare(&parts, "10.1.0.7:8080", false, false, false).expect("ok");
         assert_eq!(head.uri.to_string(), "http://10.1.0.7:8080/a/b?c=1");
         assert_eq!(head.headers[header::HOST], "orders.shop", "Host is kept for the app");
         assert_eq!(head.version, Version::HTTP_11);

@@ -6,6 +6,7 @@
 //! built off the request path when a snapshot is published, reusing what did not
 //! change; lookups are plain hash-map reads. It must not do IO.
 
+pub mod policy;
 pub mod table;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use neutrino_proto::{self as pb, resource::Body, type_url};
 use crate::config::Snapshot;
 use crate::select::endpoints::{Endpoint, EndpointLoad, EndpointSet};
 use crate::telemetry::stats::RouteStats;
+pub use policy::{Authorizer, Decision};
 pub use table::{Cost, Operation, RouteTable};
 
 /// One service, ready for the data path.
@@ -28,9 +30,14 @@ pub struct ServiceEntry {
     pub ports: Vec<PortEntry>,
     pub routes: RouteTable,
     pub endpoints: EndpointSet,
+    /// Who may call the service, and whether plaintext is accepted: its `Policy`
+    /// resource compiled, or permissive and allow-all when it has none.
+    pub policy: Arc<Authorizer>,
     /// Versions this entry was compiled from, to reuse it when they are unchanged.
     service_version: String,
     endpoints_version: String,
+    /// "" when the service has no `Policy` resource.
+    policy_version: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +72,9 @@ pub struct Mesh {
     pod_services: HashMap<Arc<str>, Vec<u32>>,
     /// Operation counters by (service, operation id), carried across snapshots.
     stats: HashMap<(Arc<str>, Arc<str>), Arc<RouteStats>>,
+    /// The SPIFFE id each meshed endpoint's proxy presents, by address: what the
+    /// outbound side verifies a peer against.
+    identities: HashMap<IpAddr, Arc<str>>,
     /// Compiled from a ready snapshot (or after one): the data path knows the mesh.
     ready: bool,
 }
@@ -103,6 +113,13 @@ impl Mesh {
         self.pod_services.get(pod).and_then(|v| v.first()).map(|&i| &self.services[i as usize])
     }
 
+    /// The SPIFFE id discovery says the proxy at `ip` presents; `None`: not meshed
+    /// (called in plaintext). When services disagree about one address, the first
+    /// service by name wins (a pod has one service account, so they should not).
+    pub fn identity_of(&self, ip: IpAddr) -> Option<&Arc<str>> {
+        self.identities.get(&ip)
+    }
+
     /// True once compiled from a ready config snapshot; stays true after.
     pub fn is_ready(&self) -> bool {
         self.ready
@@ -121,12 +138,20 @@ impl Mesh {
         let services = snapshot.resources(type_url::SERVICE).unwrap_or(&empty);
         let endpoints = snapshot.resources(type_url::ENDPOINTS).unwrap_or(&empty);
         let capacity = snapshot.resources(type_url::CAPACITY).unwrap_or(&empty);
+        let policies = snapshot.resources(type_url::POLICY).unwrap_or(&empty);
         for (name, res) in services {
             let Some(Body::Service(svc)) = &res.body else { continue };
             let eps = endpoints.get(name);
             let eps_version = eps.map(|e| e.version.as_str()).unwrap_or("");
-            let entry = match reuse.get(name.as_str()) {
-                Some(old) if old.service_version == res.version && old.endpoints_version == eps_version => {
+            let pol = policies.get(name);
+            let pol_version = pol.map(|p| p.version.as_str()).unwrap_or("");
+            let old = reuse.get(name.as_str());
+            let entry = match old {
+                Some(old)
+                    if old.service_version == res.version
+                        && old.endpoints_version == eps_version
+                        && old.policy_version == pol_version =>
+                {
                     Arc::clone(old)
                 }
                 _ => {
@@ -134,7 +159,13 @@ impl Mesh {
                         Some(Body::Endpoints(b)) => Some(b),
                         _ => None,
                     });
-                    Arc::new(compile_service(name, &res.version, svc, eps_version, eps_body, previous))
+                    let policy = match (old, pol.and_then(|p| p.body.as_ref())) {
+                        (Some(old), _) if old.policy_version == pol_version => Arc::clone(&old.policy),
+                        (_, Some(Body::Policy(p))) => Arc::new(Authorizer::compile(p)),
+                        _ => Authorizer::allow_all(),
+                    };
+                    let versions = [res.version.as_str(), eps_version, pol_version];
+                    Arc::new(compile_service(name, versions, svc, eps_body, policy, previous))
                 }
             };
             let idx = mesh.services.len() as u32;
@@ -155,6 +186,9 @@ impl Mesh {
             apply_reports(&entry, report);
             for e in &entry.endpoints.endpoints {
                 mesh.loads.insert((Arc::clone(&entry.key), e.addr), Arc::clone(&e.load));
+                if let Some(id) = &e.identity {
+                    mesh.identities.entry(e.addr.ip()).or_insert_with(|| Arc::clone(id));
+                }
                 if !e.pod.is_empty() {
                     mesh.pods.insert(Arc::clone(&e.pod), e.capacity);
                     let of_pod = mesh.pod_services.entry(Arc::clone(&e.pod)).or_default();
@@ -201,12 +235,13 @@ fn apply_reports(entry: &ServiceEntry, report: Option<&pb::Capacity>) {
     }
 }
 
+/// `versions`: of the Service, Endpoints and Policy resources ("" when absent).
 fn compile_service(
     name: &str,
-    version: &str,
+    versions: [&str; 3],
     svc: &pb::Service,
-    eps_version: &str,
     eps: Option<&pb::Endpoints>,
+    policy: Arc<Authorizer>,
     previous: &Mesh,
 ) -> ServiceEntry {
     let key: Arc<str> = Arc::from(name);
@@ -240,6 +275,7 @@ fn compile_service(
                         ready: ep.ready,
                         pod: Arc::from(ep.pod.as_str()),
                         zone: Arc::from(ep.zone.as_str()),
+                        identity: (!ep.identity.is_empty()).then(|| Arc::from(ep.identity.as_str())),
                         load,
                     })
                 })
@@ -254,8 +290,10 @@ fn compile_service(
         ports,
         routes,
         endpoints: EndpointSet::new(endpoints),
-        service_version: version.to_string(),
-        endpoints_version: eps_version.to_string(),
+        policy,
+        service_version: versions[0].to_string(),
+        endpoints_version: versions[1].to_string(),
+        policy_version: versions[2].to_string(),
     }
 }
 
@@ -398,6 +436,59 @@ mod tests {
         // 90 % reported busy: a request for 200 millicores no longer fits.
         assert!(s.endpoints.pick(&[200, 0, 0], None).is_err());
         assert!(s.endpoints.pick(&[100, 0, 0], None).is_ok());
+    }
+
+    /// `snapshot(1000, false)` plus a `Policy` (when given) and an identity on the endpoint.
+    fn with_policy(policy: Option<pb::Policy>, identity: &str) -> Arc<Snapshot> {
+        let base = snapshot(1000, false);
+        let mut updates = vec![];
+        for t in [type_url::SERVICE, type_url::ENDPOINTS] {
+            let mut upserts: Vec<pb::Resource> =
+                base.resources(t).expect("type").values().map(|r| pb::Resource::clone(r)).collect();
+            if let Some(Body::Endpoints(mut e)) = upserts[0].body.clone() {
+                e.endpoints[0].identity = identity.into();
+                upserts[0] = pb::Resource::with_content_version(upserts[0].name.clone(), Body::Endpoints(e));
+            }
+            updates.push(Update { type_url: t.into(), upserts, removed: vec![] });
+        }
+        let upserts = policy
+            .into_iter()
+            .map(|p| pb::Resource::with_content_version("shop/orders".into(), Body::Policy(p)))
+            .collect();
+        updates.push(Update { type_url: type_url::POLICY.into(), upserts, removed: vec![] });
+        Applier::new(Arc::default()).apply_all(updates).expect("valid")
+    }
+
+    #[test]
+    fn services_carry_their_policy_and_endpoints_their_identity() {
+        const ID: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+        let open = Mesh::compile(&with_policy(None, ""), &Mesh::default());
+        let s = &open.services()[0];
+        assert_eq!(s.policy.tls_mode(), pb::TlsMode::Permissive, "no Policy: permissive");
+        assert!(s.policy.authorize(None, None).is_allowed(), "no Policy: allow");
+        assert_eq!(s.endpoints.endpoints[0].identity, None);
+        assert_eq!(open.identity_of("10.1.0.1".parse().expect("ip")), None, "not meshed");
+
+        let strict = pb::Policy {
+            service: "shop/orders".into(),
+            tls_mode: pb::TlsMode::Strict as i32,
+            allow: vec![pb::AllowRule { identities: vec![ID.into()], ..Default::default() }],
+            ..Default::default()
+        };
+        let closed = Mesh::compile(&with_policy(Some(strict.clone()), ID), &open);
+        let s = &closed.services()[0];
+        assert!(!Arc::ptr_eq(s, &open.services()[0]), "a new policy version recompiles the entry");
+        assert_eq!(s.policy.tls_mode(), pb::TlsMode::Strict);
+        assert!(s.policy.authorize(Some(ID), None).is_allowed());
+        assert!(!s.policy.authorize(Some("spiffe://cluster.local/ns/shop/sa/other"), None).is_allowed());
+        assert_eq!(s.endpoints.endpoints[0].identity.as_deref(), Some(ID));
+        assert_eq!(closed.identity_of("10.1.0.1".parse().expect("ip")).map(|i| &**i), Some(ID));
+        assert_eq!(closed.identity_of("10.1.0.2".parse().expect("ip")), None);
+
+        let same = Mesh::compile(&with_policy(Some(strict), ID), &closed);
+        assert!(Arc::ptr_eq(&same.services()[0], &closed.services()[0]), "unchanged versions: reused");
+        let removed = Mesh::compile(&with_policy(None, ID), &same);
+        assert!(removed.services()[0].policy.authorize(None, None).is_allowed(), "Policy removed: allow again");
     }
 
     #[test]

@@ -224,6 +224,8 @@ pub struct Endpoint {
     pub ready: bool,
     pub pod: Arc<str>,
     pub zone: Arc<str>,
+    /// The SPIFFE id the endpoint's proxy presents; `None`: not meshed (plaintext).
+    pub identity: Option<Arc<str>>,
     pub load: Arc<EndpointLoad>,
 }
 
@@ -357,6 +359,7 @@ mod tests {
                     ready: true,
                     pod: Arc::from(""),
                     zone: Arc::from(""),
+                    identity: None,
                     load: Arc::default(),
                 })
                 .collect(),

@@ -344,6 +344,18 @@ impl HopSpan {
             KeyValue::new("neutrino.endpoint.utilization", choice.utilization),
             KeyValue::new("neutrino.retries", i64::from(attempt.saturating_sub(1))),
         ]);
+        if let Some(id) = &endpoint.identity {
+            self.span.set_attribute(KeyValue::new("neutrino.endpoint.identity", Arc::clone(id)));
+        }
+    }
+
+    /// On a server span: the caller's identity as mesh mTLS verified it ("-" for a
+    /// caller without one).
+    pub fn set_peer(&mut self, peer: Option<&Arc<str>>) {
+        if self.span.is_recording() {
+            let v = peer.map(Arc::clone).unwrap_or_else(|| Arc::from("-"));
+            self.span.set_attribute(KeyValue::new("neutrino.peer.identity", v));
+        }
     }
 
     /// Writes this span's context on the request sent on, replacing what it carried:
