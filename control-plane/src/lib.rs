@@ -68,12 +68,16 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()> + Send +
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(4);
     let (mesh_tx, mesh_rx) = tokio::sync::watch::channel(None);
     let load = load::spawn(mesh_rx, settings.load, Arc::clone(&metrics));
-    let (identity, identity_lane) = match &settings.identity {
+    // Without a CA the trust-bundle lane stays empty; its sender lives as long as `run`.
+    let (identity, identity_lane, _empty_lane) = match &settings.identity {
         Some(s) => {
             let (started, lane) = identity::start(s, &settings.trust_domain, Arc::clone(&metrics))?;
-            (Some((started, s.tls_addr)), lane)
+            (Some((started, s.tls_addr)), lane, None)
         }
-        None => (None, identity::empty_lane()),
+        None => {
+            let (tx, rx) = identity::empty_lane();
+            (None, rx, Some(tx))
+        }
     };
     let published = index::spawn(
         settings.trust_domain.clone(),

@@ -4,18 +4,29 @@
 //!
 //! This module must not read pods: per-pod changes are [`crate::overrides`].
 
+use std::path::PathBuf;
+
 use thiserror::Error;
 
-use crate::overrides;
+use crate::{anchors, overrides};
 
-/// The default control-plane address the proxies dial (the proxy's own default too).
+/// The default control-plane address the proxies dial without trust anchors: plaintext,
+/// no identity (the proxy's own default too).
 pub const DEFAULT_CONTROL_PLANE: &str = "neutrino-control-plane.neutrino-system.svc:15010";
+/// The default with `--trust-anchors-file`: the control plane's TLS port (Discovery and
+/// Identity; `control-plane/src/lib.rs`, `TLS_GRPC_PORT`).
+pub const DEFAULT_TLS_CONTROL_PLANE: &str = "neutrino-control-plane.neutrino-system.svc:15012";
+/// The control plane's plaintext port: refused with trust anchors (the proxies speak TLS).
+const PLAINTEXT_PORT: &str = "15010";
+/// The default SPIFFE trust domain (the proxy's and the control plane's default too).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// The default image for the proxy and its init container (both run `neutrino-proxy`).
 pub const DEFAULT_PROXY_IMAGE: &str = concat!("neutrino/neutrino-proxy:", env!("CARGO_PKG_VERSION"));
 /// The mesh's own namespace: its pods are never injected.
 pub const DEFAULT_SYSTEM_NAMESPACE: &str = "neutrino-system";
-/// The audience of the projected service-account token (what the mesh CA will check, issue 7).
-pub const DEFAULT_TOKEN_AUDIENCE: &str = "neutrino-ca";
+/// The audience of the projected service-account token: what the mesh CA asks TokenReview
+/// for (`control-plane/src/identity/token.rs`, `DEFAULT_AUDIENCE`).
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "neutrino";
 
 /// How the proxy is added to the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -89,6 +100,14 @@ pub struct InjectConfig {
     /// in the proxy container; `None`: traces off (pods may still set
     /// `config.neutrino.io/otlp-endpoint`).
     pub otlp_endpoint: Option<String>,
+    /// The mesh's trust anchors (PEM certificates, checked: [`anchors::check`]), set as
+    /// `NEUTRINO_CA_PEM` in the proxy container with `NEUTRINO_TRUST_DOMAIN`; `None`: the
+    /// proxies run without a mesh identity. The text itself, not a path: the patch stays a
+    /// pure function of the pod and this config (the webhook swaps in a new config when
+    /// the file changes).
+    pub trust_anchors_pem: Option<String>,
+    /// The SPIFFE trust domain of the proxies' identities (with trust anchors only).
+    pub trust_domain: String,
 }
 
 impl Default for InjectConfig {
@@ -111,6 +130,8 @@ impl Default for InjectConfig {
             log_level: "info".into(),
             ready_timeout_secs: 60,
             otlp_endpoint: None,
+            trust_anchors_pem: None,
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
         }
     }
 }
@@ -131,9 +152,21 @@ pub struct InjectArgs {
     /// first container with a postStart hook waiting for /ready (older clusters).
     #[arg(long, value_enum, default_value_t = SidecarMode::Native)]
     pub sidecar_mode: SidecarMode,
-    /// Control-plane address the proxies dial.
-    #[arg(long, default_value = DEFAULT_CONTROL_PLANE)]
-    pub control_plane: String,
+    /// Control-plane address the proxies dial (several, comma-separated, are tried in turn).
+    /// Default: neutrino-control-plane.neutrino-system.svc:15012 (TLS) with
+    /// --trust-anchors-file, else ...:15010 (plaintext, no mesh identity).
+    #[arg(long)]
+    pub control_plane: Option<String>,
+    /// The mesh's trust anchors (PEM root certificates, e.g. the ConfigMap
+    /// neutrino-trust-anchors mounted as a file). With it, each proxy gets them as
+    /// NEUTRINO_CA_PEM, dials the control plane over TLS and gets a mesh identity (mTLS).
+    /// The webhook re-reads the file when it changes; a bad new file keeps the last good one.
+    #[arg(long, env = "NEUTRINO_TRUST_ANCHORS_FILE")]
+    pub trust_anchors_file: Option<PathBuf>,
+    /// The SPIFFE trust domain of the proxies' identities (spiffe://DOMAIN/ns/NS/sa/SA);
+    /// must match the control plane's --trust-domain.
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     /// Audience of the projected service-account token mounted into the proxy.
     #[arg(long, default_value = DEFAULT_TOKEN_AUDIENCE)]
     pub token_audience: String,
@@ -169,6 +202,12 @@ pub struct InjectArgs {
 pub enum ConfigError {
     #[error("checking the injection flags: --{flag} {value:?} {reason}")]
     Flag { flag: &'static str, value: String, reason: String },
+    #[error(
+        "checking the injection flags: --trust-anchors-file {path}: {reason} (the mesh's trust anchors: the PEM \
+         root certificates of the mesh CA, e.g. the ConfigMap neutrino-trust-anchors, key anchors.pem; leave the \
+         flag out to inject proxies without a mesh identity)"
+    )]
+    TrustAnchors { path: String, reason: String },
 }
 
 impl InjectArgs {
@@ -213,21 +252,27 @@ impl InjectArgs {
                 )
                 .map_err(|r| flag("otlp-endpoint", url, r))?;
         }
-        for (name, value) in [
-            ("proxy-image", &self.proxy_image),
-            ("control-plane", &self.control_plane),
-            ("token-audience", &self.token_audience),
-        ] {
+        for (name, value) in [("proxy-image", &self.proxy_image), ("token-audience", &self.token_audience)] {
             if value.trim().is_empty() {
                 return Err(flag(name, value, "is empty".into()));
             }
         }
+        let trust_anchors_pem = match &self.trust_anchors_file {
+            Some(path) => Some(
+                anchors::read(path)
+                    .map_err(|reason| ConfigError::TrustAnchors { path: path.display().to_string(), reason })?
+                    .pem,
+            ),
+            None => None,
+        };
+        let control_plane = self.control_plane(trust_anchors_pem.is_some())?;
+        trust_domain(&self.trust_domain).map_err(|r| flag("trust-domain", &self.trust_domain, r))?;
         Ok(InjectConfig {
             proxy_image: self.proxy_image.clone(),
             init_image: self.init_image.clone().unwrap_or_else(|| self.proxy_image.clone()),
             image_pull_policy: self.image_pull_policy.map(|p| p.as_str().to_string()),
             sidecar_mode: self.sidecar_mode,
-            control_plane: self.control_plane.clone(),
+            control_plane,
             token_audience: self.token_audience.clone(),
             token_expiration_seconds: self.token_expiration_seconds,
             system_namespace: self.system_namespace.clone(),
@@ -235,8 +280,48 @@ impl InjectArgs {
             log_level: self.proxy_log_level.clone(),
             ready_timeout_secs: self.ready_timeout_secs,
             otlp_endpoint: self.otlp_endpoint.as_ref().map(|u| u.trim().to_string()),
+            trust_anchors_pem,
+            trust_domain: self.trust_domain.clone(),
         })
     }
+
+    /// `--control-plane`, or the default for plaintext or TLS. With trust anchors, an
+    /// address on the plaintext port is refused: the proxies would speak TLS to it.
+    fn control_plane(&self, tls: bool) -> Result<String, ConfigError> {
+        let Some(value) = &self.control_plane else {
+            return Ok(if tls { DEFAULT_TLS_CONTROL_PLANE } else { DEFAULT_CONTROL_PLANE }.to_string());
+        };
+        let flag = |reason: String| ConfigError::Flag { flag: "control-plane", value: value.clone(), reason };
+        let addresses: Vec<&str> = value.split(',').map(str::trim).collect();
+        if addresses.iter().any(|a| a.is_empty()) {
+            return Err(flag("has an empty address; give HOST:PORT[,HOST:PORT...]".into()));
+        }
+        if tls && addresses.iter().any(|a| a.rsplit_once(':').is_some_and(|(_, port)| port == PLAINTEXT_PORT)) {
+            return Err(flag(format!(
+                "is the control plane's plaintext port {PLAINTEXT_PORT}, but with --trust-anchors-file the proxies \
+                 speak TLS: use its TLS port (default {DEFAULT_TLS_CONTROL_PLANE}) or leave --control-plane out"
+            )));
+        }
+        Ok(value.clone())
+    }
+}
+
+/// A trust domain the proxy accepts: a lower-case DNS name (`proto/src/spiffe.rs`,
+/// `SpiffeId::new`): dot-separated labels of `a-z`, `0-9` and inner `-`.
+fn trust_domain(domain: &str) -> Result<(), String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if domain.is_empty() || domain.len() > 253 || !domain.split('.').all(label_ok) {
+        return Err("is not a lower-case DNS name (e.g. cluster.local, the default); it must be the control \
+             plane's --trust-domain"
+            .into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -17,6 +17,11 @@ use crate::{INIT_CONTAINER, PROXY_ADMIN_PORT, PROXY_CONTAINER, PROXY_UID, TOKEN_
 /// the service name it then reports defaults to `neutrino-proxy`.
 pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
+/// The variable the proxy reads its trust anchors from, as PEM text (`proxy/src/main.rs`).
+pub const CA_PEM_ENV: &str = "NEUTRINO_CA_PEM";
+/// The variable the proxy reads its SPIFFE trust domain from (`proxy/src/main.rs`).
+pub const TRUST_DOMAIN_ENV: &str = "NEUTRINO_TRUST_DOMAIN";
+
 /// The file name of the token inside [`TOKEN_MOUNT_PATH`].
 pub const TOKEN_FILE: &str = "token";
 
@@ -163,7 +168,12 @@ pub fn proxy_container(cfg: &InjectConfig, o: &Overrides) -> Result<Value, Annot
             ]}}});
         }
     }
-    // Appended only when set, so pods without traces get the same container as before.
+    // Appended only when set, so pods without mesh identity or traces get the same
+    // container as before.
+    if let (Some(pem), Some(env)) = (&cfg.trust_anchors_pem, c["env"].as_array_mut()) {
+        env.push(json!({"name": CA_PEM_ENV, "value": pem}));
+        env.push(json!({"name": TRUST_DOMAIN_ENV, "value": cfg.trust_domain}));
+    }
     let otlp = o.otlp_endpoint.as_ref().or(cfg.otlp_endpoint.as_ref()).filter(|u| !u.is_empty());
     if let (Some(url), Some(env)) = (otlp, c["env"].as_array_mut()) {
         env.push(json!({"name": OTLP_ENDPOINT_ENV, "value": url}));
@@ -269,6 +279,29 @@ mod tests {
         );
         let off = Overrides { otlp_endpoint: Some(String::new()), ..Overrides::default() };
         assert_eq!(otlp(&proxy_container(&cfg, &off).expect("container")), None);
+    }
+
+    #[test]
+    fn trust_anchors_add_the_pem_and_the_trust_domain_and_nothing_else() {
+        let env = |c: &Value| c["env"].as_array().expect("env").clone();
+        let plain = proxy_container(&InjectConfig::default(), &Overrides::default()).expect("container");
+        assert!(!env(&plain).iter().any(|e| e["name"] == CA_PEM_ENV || e["name"] == TRUST_DOMAIN_ENV));
+        let cfg = InjectConfig {
+            trust_anchors_pem: Some("PEM".into()),
+            trust_domain: "mesh.example".into(),
+            otlp_endpoint: Some("http://jaeger:4317".into()),
+            ..InjectConfig::default()
+        };
+        let c = proxy_container(&cfg, &Overrides::default()).expect("container");
+        let mut expected = env(&plain);
+        expected.push(json!({"name": "NEUTRINO_CA_PEM", "value": "PEM"}));
+        expected.push(json!({"name": "NEUTRINO_TRUST_DOMAIN", "value": "mesh.example"}));
+        expected.push(json!({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://jaeger:4317"}));
+        assert_eq!(env(&c), expected);
+        let (mut a, mut b) = (c.clone(), plain.clone());
+        a["env"] = json!([]);
+        b["env"] = json!([]);
+        assert_eq!(a, b, "only the environment differs");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! The steps, each in its own module:
 //!
-//! 1. [`config`]: what is injected (images, sidecar mode, control plane, resources), from flags.
+//! 1. [`config`]: what is injected (images, sidecar mode, control plane, resources, the
+//!    mesh's trust anchors), from flags; [`anchors`] checks the anchors file and re-reads
+//!    it when it changes.
 //! 2. [`overrides`]: a pod's `config.neutrino.io/*` annotations, checked.
 //! 3. [`containers`]: the init container, the proxy container and the token volume, as JSON.
 //! 4. [`patch`]: the decision (inject, skip with a reason, already injected) and the JSON
@@ -19,6 +21,7 @@
 //! Only `recorder` talks to the Kubernetes API, and nothing waits for it: the webhook
 //! answers from what it is sent.
 
+pub mod anchors;
 pub mod config;
 pub mod containers;
 pub mod event;

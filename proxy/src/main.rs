@@ -77,6 +77,9 @@ struct Args {
     /// identity and calls meshed endpoints over mTLS.
     #[arg(long, env = "NEUTRINO_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// The trust anchors as PEM text instead of a file (the injector sets NEUTRINO_CA_PEM).
+    #[arg(long, env = "NEUTRINO_CA_PEM", hide_env_values = true)]
+    ca_pem: Option<String>,
     /// The token proving this pod's service account (Kubernetes: a projected token with
     /// audience "neutrino"; local mode: a bootstrap token).
     #[arg(long, env = "NEUTRINO_TOKEN_FILE")]
@@ -164,25 +167,38 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| neutrino_proxy::detect::DEFAULT_SERVER_FIRST_PORTS.to_vec()),
         ..Default::default()
     };
-    let identity = match (&args.ca_file, &args.token_file, &args.config_file) {
-        (Some(ca), Some(token), None) => Some(neutrino_proxy::identity::IdentitySettings {
+    let anchors = match (&args.ca_file, &args.ca_pem) {
+        (Some(_), Some(_)) => anyhow::bail!("--ca-file and --ca-pem (NEUTRINO_CA_PEM) both given; choose one"),
+        (Some(path), None) => Some(neutrino_proxy::identity::Anchors::File(path.clone())),
+        (None, Some(pem)) => Some(neutrino_proxy::identity::Anchors::Pem(pem.clone())),
+        (None, None) => None,
+    };
+    let identity = match (anchors, &args.token_file, &args.config_file) {
+        (Some(_), _, Some(_)) => {
+            anyhow::bail!("--ca-file/--ca-pem apply to a control-plane stream, not to --config-file")
+        }
+        (Some(anchors), Some(token), None) => Some(neutrino_proxy::identity::IdentitySettings {
             id: neutrino_proto::spiffe::SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "this proxy's identity: {e}; check --namespace, --service-account and --trust-domain"
                     )
                 })?,
-            ca_file: ca.clone(),
+            anchors,
             token_file: token.clone(),
         }),
-        (None, Some(_), _) => {
-            anyhow::bail!("--token-file needs --ca-file (the trust anchors to verify the control plane)")
-        }
         (Some(_), None, None) => anyhow::bail!(
-            "--ca-file needs --token-file (the token that proves this pod's service account to the Identity service)"
+            "--ca-file/--ca-pem need --token-file (the token that proves this pod's service account to the Identity service)"
         ),
-        (Some(_), _, Some(_)) => anyhow::bail!("--ca-file applies to a control-plane stream, not to --config-file"),
-        _ => None,
+        (None, Some(_), None) => {
+            tracing::warn!(
+                "--token-file is set but no trust anchors (--ca-file or NEUTRINO_CA_PEM): running WITHOUT a mesh \
+                 identity; calls to meshed endpoints go in plaintext (counted in \
+                 neutrino_proxy_outbound_plaintext_to_meshed_total). Configure the injector's --trust-anchors-file."
+            );
+            None
+        }
+        (None, _, _) => None,
     };
     let settings = Settings {
         identity,

@@ -172,9 +172,10 @@ pub struct Started {
 }
 
 /// The trust-bundle lane without a CA: one empty publish, so a proxy subscribed to
-/// TrustBundle learns there is none (as it did before identity existed).
-pub fn empty_lane() -> watch::Receiver<Arc<Snapshot>> {
-    watch::channel(Arc::new(Snapshot { generation: 1, ..Default::default() })).1
+/// TrustBundle learns there is none (as it did before identity existed). The sender
+/// must be kept for as long as streams are served: a dropped sender reads as shutdown.
+pub fn empty_lane() -> (watch::Sender<Arc<Snapshot>>, watch::Receiver<Arc<Snapshot>>) {
+    watch::channel(Arc::new(Snapshot { generation: 1, ..Default::default() }))
 }
 
 /// The TrustBundle resource for `ca`.

@@ -545,20 +545,4 @@ services:
         let msg = e(&format!("{GOOD}version: 2\n"));
         assert!(msg.contains("unknown field `version`, expected `services` or `policy`"), "{msg}");
     }
-
-    #[test]
-    fn zz_print_doc_messages() {
-        let base = GOOD.trim_start_matches('\n');
-        let cases = [
-            base.replace("  - name: users\n", "  - name: users\n    serviceAccount: users\n    polcy: {}\n"),
-            format!("{base}version: 2\n"),
-            format!("{base}policy: {{default: block}}\n"),
-            format!("{base}    policy: {{allow: [{{from: [orders]}}]}}\n"),
-            base.replace("        ready: false\n", "        ready: false\n        serviceAccount: Orders\n"),
-            base.replace("zone: a", "zoen: a"),
-        ];
-        for c in cases {
-            eprintln!("MSG {}", parse(Path::new("mesh.yaml"), c.as_bytes()).expect_err("bad"));
-        }
-    }
 }

@@ -19,13 +19,21 @@ use thiserror::Error;
 
 pub use tls::{Alpn, MeshTls};
 
+/// Where the first trust anchors come from.
+#[derive(Debug, Clone)]
+pub enum Anchors {
+    File(PathBuf),
+    /// PEM text (the injector puts it in the proxy's environment).
+    Pem(String),
+}
+
 /// How the proxy gets and proves its identity.
 #[derive(Debug, Clone)]
 pub struct IdentitySettings {
     pub id: SpiffeId,
-    /// Trust anchors (PEM) to verify the control plane and, until the control plane
-    /// pushes its bundle, mesh peers.
-    pub ca_file: PathBuf,
+    /// Trust anchors to verify the control plane and, until the control plane pushes
+    /// its bundle, mesh peers.
+    pub anchors: Anchors,
     /// The token proving the pod's service account (read anew for every request,
     /// since Kubernetes rotates projected tokens).
     pub token_file: PathBuf,
@@ -46,11 +54,14 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Reads the anchors file and builds this proxy's mesh TLS (no certificate yet).
 pub fn load(settings: &IdentitySettings) -> Result<Arc<MeshTls>, IdentityError> {
-    let pem = std::fs::read_to_string(&settings.ca_file).map_err(|source| IdentityError::Read {
-        what: "trust anchors",
-        path: settings.ca_file.clone(),
-        source,
-    })?;
+    let pem = match &settings.anchors {
+        Anchors::File(path) => std::fs::read_to_string(path).map_err(|source| IdentityError::Read {
+            what: "trust anchors",
+            path: path.clone(),
+            source,
+        })?,
+        Anchors::Pem(pem) => pem.clone(),
+    };
     let trust = Arc::new(tls::Trust::new(settings.id.trust_domain(), &[pem], provider())?);
     Ok(Arc::new(MeshTls::new(settings.id.clone(), trust, Arc::default())?))
 }
