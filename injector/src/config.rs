@@ -372,4 +372,52 @@ mod tests {
             assert!(e.to_string().starts_with("checking the injection flags: --otlp-endpoint"), "{e}");
         }
     }
+
+    #[test]
+    fn trust_anchors_switch_the_proxies_to_tls_and_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path.to_str().expect("utf-8").to_string()
+        };
+        let anchors = file("anchors.pem", include_str!("../tests/testdata/anchor-1.pem"));
+        let c = config(&["--trust-anchors-file", &anchors]).expect("valid");
+        assert_eq!(c.trust_anchors_pem.as_deref(), Some(include_str!("../tests/testdata/anchor-1.pem")));
+        assert_eq!((c.control_plane.as_str(), c.trust_domain.as_str()), (DEFAULT_TLS_CONTROL_PLANE, "cluster.local"));
+        assert!(DEFAULT_TLS_CONTROL_PLANE.ends_with(":15012") && DEFAULT_CONTROL_PLANE.ends_with(":15010"));
+        let c = config(&["--trust-anchors-file", &anchors, "--control-plane", "cp-a:15012,cp-b:15012"]).expect("valid");
+        assert_eq!(c.control_plane, "cp-a:15012,cp-b:15012", "an explicit --control-plane wins");
+        let e = config(&["--trust-anchors-file", &anchors, "--control-plane", "cp:15012,cp:15010"]).expect_err("plain");
+        assert!(
+            e.to_string().starts_with("checking the injection flags: --control-plane \"cp:15012,cp:15010\""),
+            "{e}"
+        );
+        assert!(e.to_string().contains("plaintext port 15010"), "{e}");
+        assert_eq!(config(&["--control-plane", "cp:15010"]).expect("no anchors: plaintext").control_plane, "cp:15010");
+        assert!(config(&["--control-plane", "cp:15010,"]).is_err());
+
+        let missing = dir.path().join("missing.pem");
+        let e = config(&["--trust-anchors-file", missing.to_str().expect("utf-8")]).expect_err("missing");
+        let start = format!("checking the injection flags: --trust-anchors-file {}: cannot be read", missing.display());
+        assert!(e.to_string().starts_with(&start), "{e}");
+        assert!(e.to_string().contains("ConfigMap neutrino-trust-anchors"), "{e}");
+        let leaf = file("leaf.pem", include_str!("../tests/testdata/leaf.pem"));
+        let e = config(&["--trust-anchors-file", &leaf]).expect_err("not a CA");
+        assert!(matches!(&e, ConfigError::TrustAnchors { reason, .. } if reason.contains("not a CA")), "{e}");
+        let empty = file("empty.pem", "");
+        assert!(
+            config(&["--trust-anchors-file", &empty]).expect_err("empty").to_string().contains("no PEM CERTIFICATE")
+        );
+    }
+
+    #[test]
+    fn the_trust_domain_is_a_lower_case_dns_name() {
+        let c = config(&["--trust-domain", "mesh.example-1"]).expect("valid");
+        assert_eq!(c.trust_domain, "mesh.example-1");
+        for bad in ["", "Cluster.Local", "a_b", "-a.b", "a..b", "spiffe://x", "a b"] {
+            let e = config(&[&format!("--trust-domain={bad}")]).expect_err(bad);
+            assert!(e.to_string().starts_with("checking the injection flags: --trust-domain"), "{e}");
+        }
+    }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use neutrino_injector::anchors;
 use neutrino_injector::config::InjectArgs;
 use neutrino_injector::recorder::{self, Recorder};
 use neutrino_injector::serve::{self, Settings};
@@ -43,6 +44,9 @@ struct Args {
     /// With --tls-cert: how often the files are checked for a new certificate (seconds).
     #[arg(long, default_value_t = 10)]
     tls_reload_secs: u64,
+    /// With --trust-anchors-file: how often its modification time is checked (seconds).
+    #[arg(long, default_value_t = 5)]
+    trust_anchors_reload_secs: u64,
     /// Larger request bodies are refused with 413.
     #[arg(long, default_value_t = serve::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
@@ -73,6 +77,14 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("parsing --log")?)
         .init();
     let inject = args.inject.config()?;
+    let mode = inject.sidecar_mode.as_str();
+    let image = inject.proxy_image.clone();
+    let identity = inject.trust_anchors_pem.is_some();
+    let inject = Arc::new(arc_swap::ArcSwap::from_pointee(inject));
+    if let Some(path) = &args.inject.trust_anchors_file {
+        let every = Duration::from_secs(args.trust_anchors_reload_secs.max(1));
+        tokio::spawn(anchors::watch(inject.clone(), anchors::Reloader::new(path.clone()), every));
+    }
 
     let (key, files) = match (&args.tls_cert, &args.tls_key, args.self_signed_dns.is_empty()) {
         (Some(cert), Some(key), _) => (tls::load(cert, key)?, Some((cert.clone(), key.clone()))),
@@ -99,7 +111,13 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("binding --addr {}", args.addr))?;
     let local = listener.local_addr().context("reading the listen address")?;
-    tracing::info!(%local, mode = inject.sidecar_mode.as_str(), image = %inject.proxy_image, "serving");
+    tracing::info!(%local, mode, %image, identity, "serving");
+    if !identity {
+        tracing::warn!(
+            "no --trust-anchors-file: injected proxies get no mesh identity and talk to the control plane and to \
+             each other in plaintext"
+        );
+    }
     let mut out = std::io::stdout();
     writeln!(out, "listening on https://{local}").and_then(|()| out.flush()).context("writing to stdout")?;
 

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -42,7 +43,9 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the server needs besides the listener and TLS.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub inject: InjectConfig,
+    /// What is injected; swapped whole when the trust anchors file changes
+    /// ([`crate::anchors::watch`]), so each review sees one consistent config.
+    pub inject: Arc<ArcSwap<InjectConfig>>,
     pub max_body_bytes: usize,
     pub drain_timeout: Duration,
     /// Where the answers' Events go (disabled: nowhere).
@@ -134,7 +137,7 @@ async fn mutate(req: Request<Incoming>, settings: &Settings) -> Response<Full<By
         }
         Err(BodyError::Read(e)) => return text(StatusCode::BAD_REQUEST, format!("reading the request body: {e}")),
     };
-    match review::review(&body, &settings.inject) {
+    match review::review(&body, &settings.inject.load()) {
         Ok(mut answer) => {
             match &answer.decision {
                 Decision::Denied(why) => tracing::warn!(uid = %answer.uid, "denied: {why}"),

@@ -14,7 +14,7 @@ use neutrino_injector::patch::SkipReason;
 use neutrino_injector::{ANNOTATION_SKIPPED, INIT_CONTAINER, PROXY_CONTAINER, TOKEN_VOLUME};
 use serde_json::Value;
 
-use common::{names, pods, read, shared_files};
+use common::{mtls, names, pods, read, shared_files};
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
@@ -53,6 +53,10 @@ fn check_golden(name: &str, actual: &str) -> Option<String> {
 const LEGACY_CASES: [&str; 3] =
     ["istio-inject-multi-init.yaml", "istio-inject-native-sidecar.yaml", "javaweb-pod-with-init-container.yaml"];
 
+/// Injected with `--trust-anchors-file` too (`*.mtls.yaml`; `*.mtls-legacy.yaml` in legacy mode).
+const MTLS_CASES: [(&str, SidecarMode); 2] =
+    [("istio-inject-native-sidecar.yaml", SidecarMode::Native), ("istio-inject-multi-init.yaml", SidecarMode::Legacy)];
+
 fn docs(text: &str) -> Vec<Value> {
     manifest::read_documents(text).expect("parses").into_iter().map(|(_, json)| json).collect()
 }
@@ -73,8 +77,16 @@ fn every_shared_manifest_matches_its_golden_file() {
             failures.extend(check_golden(&name, &out));
             expected_files.push(name);
         }
+        for (_, mode) in MTLS_CASES.iter().filter(|(f, _)| *f == file) {
+            let cfg = InjectConfig { sidecar_mode: *mode, ..mtls() };
+            let (out, _) = manifest::inject_stream(&read(&path), &cfg).expect("injects");
+            let suffix = if *mode == SidecarMode::Legacy { "mtls-legacy" } else { "mtls" };
+            let name = format!("{}.{suffix}.yaml", stem(&path));
+            failures.extend(check_golden(&name, &out));
+            expected_files.push(name);
+        }
     }
-    assert_eq!(expected_files.len(), 13, "one golden per shared manifest, plus the legacy cases");
+    assert_eq!(expected_files.len(), 15, "one golden per shared manifest, plus the legacy and mTLS cases");
     let mut present: Vec<String> = std::fs::read_dir(golden_dir())
         .expect("golden dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -91,7 +103,7 @@ fn every_shared_manifest_matches_its_golden_file() {
 
 #[test]
 fn injecting_twice_changes_nothing() {
-    for cfg in [InjectConfig::default(), legacy()] {
+    for cfg in [InjectConfig::default(), legacy(), mtls()] {
         for path in shared_files("k8s") {
             let (once, _) = manifest::inject_stream(&read(&path), &cfg).expect("injects");
             let (twice, notes) = manifest::inject_stream(&once, &cfg).expect("injects again");
@@ -103,7 +115,7 @@ fn injecting_twice_changes_nothing() {
 
 #[test]
 fn uninject_restores_every_manifest() {
-    for cfg in [InjectConfig::default(), legacy(), traced()] {
+    for cfg in [InjectConfig::default(), legacy(), traced(), mtls()] {
         for path in shared_files("k8s") {
             let original = read(&path);
             let (injected, _) = manifest::inject_stream(&original, &cfg).expect("injects");
@@ -212,4 +224,35 @@ fn the_otlp_endpoint_reaches_every_injected_proxy_and_nothing_else() {
             }
         }
     }
+}
+
+#[test]
+fn trust_anchors_reach_every_injected_proxy_and_nothing_else() {
+    let anchors = read(&common::anchors_file());
+    let mut proxies = 0;
+    for path in shared_files("k8s") {
+        let (plain, _) = manifest::inject_stream(&read(&path), &InjectConfig::default()).expect("injects");
+        let (out, _) = manifest::inject_stream(&read(&path), &mtls()).expect("injects");
+        for (plain_doc, doc) in docs(&plain).iter().zip(&docs(&out)) {
+            for (plain_pod, pod) in pods(plain_doc).into_iter().zip(pods(doc)) {
+                let mut expected = plain_pod.clone();
+                for list in ["initContainers", "containers"] {
+                    let containers = pod["spec"][list].as_array().into_iter().flatten().enumerate();
+                    for (at, proxy) in containers.filter(|(_, c)| c["name"] == PROXY_CONTAINER) {
+                        // The default's environment, the control plane on its TLS port, then the two.
+                        let mut env = plain_pod["spec"][list][at]["env"].as_array().expect("env").clone();
+                        let cp = env.iter_mut().find(|e| e["name"] == "NEUTRINO_CONTROL_PLANE").expect("cp");
+                        cp["value"] = Value::from("neutrino-control-plane.neutrino-system.svc:15012");
+                        env.push(serde_json::json!({"name": "NEUTRINO_CA_PEM", "value": anchors}));
+                        env.push(serde_json::json!({"name": "NEUTRINO_TRUST_DOMAIN", "value": "cluster.local"}));
+                        assert_eq!(proxy["env"], Value::from(env), "{}", path.display());
+                        expected["spec"][list][at]["env"] = proxy["env"].clone();
+                        proxies += 1;
+                    }
+                }
+                assert_eq!(&expected, pod, "{}: only the proxy's environment differs", path.display());
+            }
+        }
+    }
+    assert_eq!(proxies, 20);
 }

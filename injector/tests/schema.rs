@@ -110,7 +110,8 @@ fn as_pod(template: &Value) -> Value {
 fn every_patched_manifest_pod_validates() {
     let legacy = InjectConfig { sidecar_mode: SidecarMode::Legacy, ..InjectConfig::default() };
     let mut checked = 0;
-    for cfg in [InjectConfig::default(), legacy] {
+    let mtls_legacy = InjectConfig { sidecar_mode: SidecarMode::Legacy, ..common::mtls() };
+    for cfg in [InjectConfig::default(), legacy, common::mtls(), mtls_legacy] {
         for path in shared_files("k8s") {
             let (out, _) = manifest::inject_stream(&read(&path), &cfg).expect("injects");
             for (_, doc) in manifest::read_documents(&out).expect("parses") {
@@ -128,7 +129,7 @@ fn every_patched_manifest_pod_validates() {
             }
         }
     }
-    assert_eq!(checked, 44, "22 pod templates, two modes");
+    assert_eq!(checked, 88, "22 pod templates, two modes, with and without trust anchors");
 }
 
 #[test]

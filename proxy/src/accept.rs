@@ -316,6 +316,10 @@ async fn mesh_tls_inbound(
         let conn = stream.get_ref().1;
         (crate::identity::tls::peer_identity(conn.peer_certificates()), conn.alpn_protocol().map(<[u8]>::to_vec))
     };
+    if let Some(caller) = &peer {
+        let label = crate::metrics::CallerLabel { caller: caller.to_string() };
+        shared.metrics.security.inbound_by_caller.get_or_create(&label).inc();
+    }
     let protocol = match alpn.as_deref() {
         Some(b"h2") => Protocol::Http2,
         Some(b"http/1.1") => Protocol::Http1,

@@ -35,7 +35,8 @@ pub const INBOUND_PORT: u16 = 15006;
 #[derive(Debug)]
 pub enum ConfigSource {
     Stream(StreamSettings),
-    File(PathBuf),
+    /// A mesh file, and the trust domain its service accounts' SPIFFE ids are in.
+    File(PathBuf, String),
 }
 
 #[derive(Debug)]
@@ -91,8 +92,8 @@ pub fn start_config(source: ConfigSource, reports: Option<LoadReports>) -> Handl
         ConfigSource::Stream(s) => {
             tokio::spawn(config::stream::run(s, applier, Arc::clone(&stream), Arc::clone(&metrics), reports));
         }
-        ConfigSource::File(path) => {
-            tokio::spawn(config::file::run(path, applier, Arc::clone(&stream)));
+        ConfigSource::File(path, trust_domain) => {
+            tokio::spawn(config::file::run_in(path, trust_domain, applier, Arc::clone(&stream)));
         }
     }
     Handles { store, stream, metrics }
@@ -123,11 +124,11 @@ pub async fn run(mut settings: Settings, shutdown: impl Future<Output = ()>) -> 
         ConfigSource::Stream(s) => {
             Some(telemetry::load_report::spawn(Arc::clone(&pod_load), Arc::clone(&mesh), s.node.pod.clone()))
         }
-        ConfigSource::File(_) => None,
+        ConfigSource::File(..) => None,
     };
     let cp_addrs = match &settings.config {
         ConfigSource::Stream(s) => config::stream::addresses(&s.control_plane),
-        ConfigSource::File(_) => Vec::new(),
+        ConfigSource::File(..) => Vec::new(),
     };
     let handles = start_config(settings.config, reports);
     if let (Some(t), Some(id)) = (&tls, settings.identity.clone()) {

@@ -133,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
     let pod_name = pod.clone();
     let source = format!("{pod}.{}", args.namespace);
     let config = match args.config_file.clone() {
-        Some(path) => ConfigSource::File(path),
+        Some(path) => ConfigSource::File(path, args.trust_domain.clone()),
         None => ConfigSource::Stream(StreamSettings {
             control_plane: args.control_plane.clone(),
             node: Node {

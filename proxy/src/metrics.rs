@@ -50,6 +50,12 @@ pub struct ServiceLabel {
     pub service: String,
 }
 
+/// A verified caller's SPIFFE id.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallerLabel {
+    pub caller: String,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
@@ -65,6 +71,9 @@ pub struct SecurityMetrics {
     /// ... and refused because it is strict.
     pub plaintext_refused: Family<ServiceLabel, Counter>,
     pub policy_denials: Family<ServiceLabel, Counter>,
+    /// Inbound mesh mTLS connections by the caller's verified identity (counted once per
+    /// connection, at the handshake: never per request).
+    pub inbound_by_caller: Family<CallerLabel, Counter>,
     /// Outbound requests to meshed endpoints sent in plaintext because this proxy has
     /// no certificate (identity not configured or not issued yet).
     pub outbound_plaintext_to_meshed: Counter,

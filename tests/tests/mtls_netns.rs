@@ -268,6 +268,11 @@ fn strict_mode_refuses_plaintext_and_permissive_mode_counts_it() {
     assert!(proxy_metric(b, "neutrino_proxy_tls_handshakes_total", "direction=\"inbound\",result=\"ok\"") > before);
     assert_eq!(tcp_echo(a, &format!("{VIP}:9000"), "opaque bytes over mTLS"), Ok("opaque bytes over mTLS".into()));
     assert_eq!(dump(a)["identity"]["id"], WEB);
+    let by_caller = format!("caller=\"{WEB}\"");
+    assert!(
+        proxy_metric(b, "neutrino_proxy_inbound_mtls_connections_total", &by_caller) >= 1.0,
+        "the verified caller is counted"
+    );
 
     // Plaintext straight to the pod (A's proxy passes it through: not a mesh address).
     let refused = |what| proxy_metric(b, &format!("neutrino_proxy_plaintext_{what}_total"), "service=\"default/echo\"");

@@ -98,8 +98,10 @@ async fn an_invalid_update_is_nacked_with_reasons_and_the_old_version_kept() {
     let good = endpoints("10.1.0.1");
     resp_tx.send(response(type_url::SERVICE, "1", vec![])).await.unwrap();
     resp_tx.send(response(type_url::ENDPOINTS, "2", vec![good.clone()])).await.unwrap();
+    resp_tx.send(response(type_url::POLICY, "p", vec![])).await.unwrap();
     assert!(answer(&mut req_rx, "1").await.error_detail.is_none());
     assert!(answer(&mut req_rx, "2").await.error_detail.is_none());
+    assert!(answer(&mut req_rx, "p").await.error_detail.is_none());
     proxy.wait_ready().await;
 
     // One bad address in an otherwise fine update: the whole update is refused.

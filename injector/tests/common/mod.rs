@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use clap::Parser;
+use neutrino_injector::config::{InjectArgs, InjectConfig};
 use serde_json::Value;
 
 /// `../shared/testdata` beside the repository (read-only; never copied into it).
@@ -44,4 +46,25 @@ pub fn pods(doc: &Value) -> Vec<&Value> {
 /// The names in a list of containers or volumes.
 pub fn names(list: &Value) -> Vec<&str> {
     list.as_array().into_iter().flatten().filter_map(|c| c["name"].as_str()).collect()
+}
+
+/// The trust anchors the mTLS cases inject (`tests/testdata/anchor-1.pem`, a test root).
+pub fn anchors_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/anchor-1.pem")
+}
+
+/// The config the injection flags make (as `neutrino-injector` and `neutrino inject` do).
+pub fn from_flags(args: &[&str]) -> InjectConfig {
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        inject: InjectArgs,
+    }
+    let cli = Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied())).expect("flags parse");
+    cli.inject.config().expect("valid flags")
+}
+
+/// `--trust-anchors-file tests/testdata/anchor-1.pem`, everything else the default.
+pub fn mtls() -> InjectConfig {
+    from_flags(&["--trust-anchors-file", anchors_file().to_str().expect("utf-8 path")])
 }

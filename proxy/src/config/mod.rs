@@ -21,8 +21,10 @@ pub use validate::Problem;
 /// One type's resources, by name.
 pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
 
-/// The types that must have arrived before the proxy is ready to route.
-pub const REQUIRED_TYPES: [&str; 2] = [type_url::SERVICE, type_url::ENDPOINTS];
+/// The types that must have arrived before the proxy is ready to route. `Policy` is
+/// among them: a proxy that served before its policies arrived would let through
+/// callers its services refuse.
+pub const REQUIRED_TYPES: [&str; 3] = [type_url::SERVICE, type_url::ENDPOINTS, type_url::POLICY];
 
 /// An immutable, validated config.
 #[derive(Debug, Default, Clone)]
@@ -202,7 +204,8 @@ mod tests {
         let err = applier.apply_all(vec![services.clone(), update(vec![eps("d/a", "bogus")], &[])]);
         assert!(err.is_err());
         assert_eq!(applier.current().generation, 0, "the valid Service update was not applied alone");
-        let ok = applier.apply_all(vec![services, update(vec![eps("d/a", "10.0.0.1")], &[])]).expect("valid");
+        let policies = Update { type_url: type_url::POLICY.into(), ..Default::default() };
+        let ok = applier.apply_all(vec![services, update(vec![eps("d/a", "10.0.0.1")], &[]), policies]).expect("valid");
         assert_eq!(ok.generation, 1, "one snapshot for the whole set");
         assert!(ok.is_ready());
     }
@@ -224,6 +227,8 @@ mod tests {
         applier.apply(update(vec![], &[])).expect("empty endpoints");
         assert!(!applier.current().is_ready());
         applier.apply(Update { type_url: type_url::SERVICE.into(), ..Default::default() }).expect("empty services");
+        assert!(!applier.current().is_ready(), "not before its policies: it would serve callers they refuse");
+        applier.apply(Update { type_url: type_url::POLICY.into(), ..Default::default() }).expect("empty policies");
         assert!(applier.current().is_ready());
     }
 }

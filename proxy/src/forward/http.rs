@@ -186,6 +186,7 @@ async fn forward_to_service(
         if let Some(l) = log.as_mut() {
             l.endpoint.clone_from(&target);
             l.endpoint_pod = Some(Arc::clone(&endpoint.pod));
+            l.endpoint_identity = endpoint.identity.clone().filter(|_| shared.mesh_tls().is_some());
             l.reason = format!("{} at {:.0}%", choice.reason.as_str(), choice.utilization * 100.0);
             l.attempts = attempt;
         }
@@ -296,6 +297,8 @@ struct Outcome {
     trace_id: String,
     endpoint: String,
     endpoint_pod: Option<Arc<str>>,
+    /// The identity the endpoint proved, when the request went over mTLS.
+    endpoint_identity: Option<Arc<str>>,
     reason: String,
     attempts: u32,
 }
@@ -307,6 +310,7 @@ impl Default for Outcome {
             trace_id: String::new(),
             endpoint: String::new(),
             endpoint_pod: None,
+            endpoint_identity: None,
             reason: String::new(),
             attempts: 0,
         }
@@ -336,10 +340,12 @@ fn logged(
                 .unwrap_or(0),
             trace_id: o.trace_id,
             source: Arc::clone(&shared.settings.source),
+            source_identity: shared.tls.as_ref().map(|t| Arc::clone(&t.id_str)).unwrap_or_else(|| Arc::from("")),
             service: Arc::clone(&svc.key),
             operation: Arc::clone(&op.operation_id),
             endpoint: o.endpoint,
             endpoint_pod: o.endpoint_pod.unwrap_or_else(|| Arc::from("")),
+            endpoint_identity: o.endpoint_identity.unwrap_or_else(|| Arc::from("")),
             status: resp.status().as_u16(),
             latency_us: o.started.elapsed().as_micros() as u64,
             cost: op.cost.as_array(),

@@ -15,12 +15,16 @@ pub struct Record {
     /// Milliseconds since the Unix epoch when the response head was known.
     pub time_ms: u64,
     pub trace_id: String,
-    /// Who sent it: this proxy's pod (the verified peer identity once mTLS lands).
+    /// Who sent it: this proxy's node id (`<pod>.<namespace>`).
     pub source: Arc<str>,
+    /// The sender's SPIFFE id, when it has a mesh identity ("" otherwise).
+    pub source_identity: Arc<str>,
     pub service: Arc<str>,
     pub operation: Arc<str>,
     pub endpoint: String,
     pub endpoint_pod: Arc<str>,
+    /// The SPIFFE id the endpoint proved over mTLS ("" when it was called in plaintext).
+    pub endpoint_identity: Arc<str>,
     pub status: u16,
     pub latency_us: u64,
     /// cpu millis, memory bytes, GPUs.
@@ -31,15 +35,17 @@ pub struct Record {
 }
 
 impl Record {
-    fn fields(&self) -> [(&'static str, String); 13] {
+    fn fields(&self) -> [(&'static str, String); 15] {
         [
             ("time_ms", self.time_ms.to_string()),
             ("trace_id", self.trace_id.clone()),
             ("source", self.source.to_string()),
+            ("source_identity", self.source_identity.to_string()),
             ("service", self.service.to_string()),
             ("operation", self.operation.to_string()),
             ("endpoint", self.endpoint.clone()),
             ("endpoint_pod", self.endpoint_pod.to_string()),
+            ("endpoint_identity", self.endpoint_identity.to_string()),
             ("status", self.status.to_string()),
             ("latency_us", self.latency_us.to_string()),
             ("cost_cpu_millis", self.cost[0].to_string()),
