@@ -7,11 +7,13 @@
 //!
 //! 1. `deploy/base` in its kustomization's order;
 //! 2. TLS for the injector: either a Secret `neutrino-injector-tls` with a serving
-//!    certificate generated here ([`generate_tls`]) and its CA written into the
+//!    certificate generated here ([`tls_with_mesh_ca`]) and its CA written into the
 //!    webhook's `caBundle`, or (`--cert-manager`) the files of `deploy/cert-manager`;
 //!    likewise the mesh CA (issue 7): a Secret `neutrino-ca` generated here (a trust
 //!    anchor for 10 years and an issuer it signs for 1 year, the control plane's own
-//!    generator), or cert-manager's Certificates;
+//!    generator; or read from `--mesh-ca-dir`, see [`mesh_ca`]) with its anchors in the
+//!    ConfigMap `neutrino-trust-anchors` the injector mounts, or cert-manager's
+//!    Certificates and a JSON patch that mounts the anchors from the Secret instead;
 //! 3. `--demo`: the files of `deploy/demo` and its JSON patches (the control plane's
 //!    `--redis-url`, the injector's `--otlp-endpoint` to the demo's Jaeger);
 //!    `--redis-url` alone adds that argument without the demo;
@@ -19,10 +21,14 @@
 //!    injector's `--proxy-image`.
 //!
 //! The namespace is fixed (`neutrino-system`: the injector, the proxies and the webhook
-//! all name it). This module must not talk to a cluster, and only [`generate_tls`]
-//! reads the clock.
+//! all name it). This module must not talk to a cluster; only [`tls_with_mesh_ca`] and
+//! [`mesh_ca`] read the clock's value (an argument) and generate keys, and only
+//! [`mesh_ca`] touches files.
+
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+use neutrino_control_plane::identity::{self, ca};
 use neutrino_injector::manifest::{self, ManifestError};
 use serde_json::{Value as Json, json};
 use serde_yaml_ng::Value as Yaml;
@@ -39,6 +45,13 @@ pub const INJECTOR_TLS_SECRET: &str = "neutrino-injector-tls";
 pub const CONTROL_PLANE: &str = "neutrino-control-plane";
 /// The mesh CA the control plane mounts: ca.crt (anchors), tls.crt (issuer), tls.key.
 pub const MESH_CA_SECRET: &str = "neutrino-ca";
+/// The mesh's trust anchors the injector mounts (key [`TRUST_ANCHORS_KEY`]).
+pub const TRUST_ANCHORS_CONFIGMAP: &str = "neutrino-trust-anchors";
+pub const TRUST_ANCHORS_KEY: &str = "anchors.pem";
+/// The trust domain of the generated mesh CA (the control plane's default).
+pub const TRUST_DOMAIN: &str = "cluster.local";
+/// The files of `--mesh-ca-dir` (the control plane's `--ca-dir` names).
+pub const MESH_CA_FILES: [&str; 3] = [identity::ANCHORS_FILE, identity::ISSUER_FILE, identity::ISSUER_KEY_FILE];
 /// What the generated serving certificate is valid for (the webhook's Service).
 pub const INJECTOR_DNS_NAMES: [&str; 2] =
     ["neutrino-injector.neutrino-system.svc", "neutrino-injector.neutrino-system.svc.cluster.local"];
@@ -67,6 +80,9 @@ const BASE: [File; 6] = [
 const CERT_MANAGER: [File; 1] = [deploy!("cert-manager/certificates.yaml")];
 /// A merge patch on the webhook configuration (`deploy/cert-manager/kustomization.yaml`).
 const CERT_MANAGER_PATCH: File = deploy!("cert-manager/webhook-ca.yaml");
+/// A JSON patch on the injector's Deployment (`deploy/cert-manager/kustomization.yaml`):
+/// its trust anchors from the Secret neutrino-ca's ca.crt instead of the ConfigMap.
+const CERT_MANAGER_INJECTOR_PATCH: File = deploy!("cert-manager/injector-anchors.yaml");
 const DEMO: [File; 3] = [deploy!("demo/redis.yaml"), deploy!("demo/jaeger.yaml"), deploy!("demo/sample-app.yaml")];
 /// A JSON patch on the control plane's Deployment (`deploy/demo/kustomization.yaml`).
 const DEMO_PATCH: File = deploy!("demo/control-plane-redis.yaml");
@@ -85,6 +101,14 @@ pub enum InstallError {
     Flag { flag: &'static str, value: String, reason: &'static str },
     #[error("generating the injector's certificate: {0}")]
     Generate(String),
+    #[error(
+        "--mesh-ca-dir {dir}: holds {present} but not {missing}; refusing to guess: restore the missing \
+         files (the mesh CA the cluster runs on), or empty the directory to generate a NEW mesh CA (applying \
+         that replaces the CA of a running mesh)"
+    )]
+    PartialMeshCaDir { dir: PathBuf, present: String, missing: String },
+    #[error("--mesh-ca-dir {dir}: {reason}")]
+    MeshCaDir { dir: PathBuf, reason: String },
     #[error("writing the manifests: {0}")]
     Write(#[from] ManifestError),
 }
@@ -145,6 +169,7 @@ pub fn render(opts: &Options, tls: Option<&Tls>) -> Result<String, InstallError>
         let webhook = find(&mut docs, "MutatingWebhookConfiguration", WEBHOOK_CONFIG)
             .ok_or(InstallError::Patch { file: CERT_MANAGER_PATCH.0, reason: "no webhook configuration".into() })?;
         json_patch::merge(webhook, &patch);
+        json_patch_file(&mut docs, CERT_MANAGER_INJECTOR_PATCH, INJECTOR_SERVICE)?;
     } else {
         let tls = tls.ok_or(InstallError::NoTls)?;
         add_tls(&mut docs, tls)?;
@@ -181,7 +206,8 @@ fn flags(opts: &Options) -> String {
     s
 }
 
-/// The Secret the injector mounts, before its Deployment; the CA into every webhook.
+/// The Secret and the ConfigMap the injector mounts, before its Deployment; the mesh CA
+/// Secret before the control plane; the CA into every webhook.
 fn add_tls(docs: &mut Vec<Doc>, tls: &Tls) -> Result<(), InstallError> {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
     let secret = json!({
@@ -195,8 +221,19 @@ fn add_tls(docs: &mut Vec<Doc>, tls: &Tls) -> Result<(), InstallError> {
         "type": "kubernetes.io/tls",
         "data": {"tls.crt": b64(&tls.cert_pem), "tls.key": b64(&tls.key_pem), "ca.crt": b64(&tls.ca_pem)},
     });
+    let anchors = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": TRUST_ANCHORS_CONFIGMAP,
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/name": "neutrino-injector", "app.kubernetes.io/part-of": "neutrino"},
+        },
+        "data": {TRUST_ANCHORS_KEY: tls.mesh_anchors_pem},
+    });
     let at = docs.iter().position(|(_, j)| j["kind"] == "Deployment" && j["metadata"]["name"] == INJECTOR_SERVICE);
-    docs.insert(at.unwrap_or(docs.len()), (Yaml::Null, secret));
+    let at = at.unwrap_or(docs.len());
+    docs.splice(at..at, [(Yaml::Null, secret), (Yaml::Null, anchors)]);
     let mesh_ca = json!({
         "apiVersion": "v1",
         "kind": "Secret",
@@ -283,12 +320,84 @@ fn images(docs: &mut [Doc], registry: &str, tag: Option<&str>) {
     }
 }
 
-/// A CA and a serving certificate for [`INJECTOR_DNS_NAMES`], valid from an hour before
-/// `now_unix` (clock skew) for [`TLS_VALIDITY_DAYS`]. The CA's key is dropped: it signs
-/// this one certificate and nothing else. Also the mesh CA (the control plane's own
-/// generator: anchor 10 years, issuer 1 year; `neutrino check` warns 30 days before the
-/// issuer ends).
+/// [`tls_with_mesh_ca`] with a new mesh CA, for tests (`neutrino install` goes through
+/// [`mesh_ca`], which says where the CA came from).
+#[cfg(test)]
 pub fn generate_tls(now_unix: i64) -> Result<Tls, InstallError> {
+    tls_with_mesh_ca(now_unix, generate_mesh_ca(now_unix)?)
+}
+
+/// A new mesh CA: the control plane's own generator (anchor 10 years, issuer 1 year;
+/// `neutrino check` warns 30 days before the issuer ends).
+fn generate_mesh_ca(now_unix: i64) -> Result<ca::Material, InstallError> {
+    ca::generate(TRUST_DOMAIN, now_unix, ca::GENERATED_ANCHOR_DAYS, ca::GENERATED_ISSUER_DAYS)
+        .map_err(|e| InstallError::Generate(format!("the mesh CA: {e}")))
+}
+
+/// Where the mesh CA of a run came from ([`mesh_ca`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeshCaOrigin {
+    /// Generated for this run and kept nowhere (no `--mesh-ca-dir`).
+    Generated,
+    /// Generated and written into `--mesh-ca-dir` (it was empty or missing).
+    Written(PathBuf),
+    /// Read from `--mesh-ca-dir`.
+    Reused(PathBuf),
+}
+
+impl MeshCaOrigin {
+    /// What to tell the user on stderr, if anything.
+    pub fn notice(&self) -> Option<String> {
+        match self {
+            MeshCaOrigin::Generated => Some(format!(
+                "warning: generated a NEW mesh CA (trust anchor and issuer in Secret {NAMESPACE}/{MESH_CA_SECRET}) \
+                 and kept it nowhere: applying this to a cluster where the mesh runs REPLACES its CA, and proxies \
+                 holding certificates of the old one fail mTLS until they are restarted. Pass --mesh-ca-dir <DIR> \
+                 to write the CA there on the first run and reuse it on every later run."
+            )),
+            MeshCaOrigin::Written(dir) => Some(format!(
+                "neutrino install: generated a new mesh CA into {} ({} is its private key: keep it safe); later \
+                 runs with --mesh-ca-dir {} reuse it",
+                dir.display(),
+                identity::ISSUER_KEY_FILE,
+                dir.display()
+            )),
+            MeshCaOrigin::Reused(_) => None,
+        }
+    }
+}
+
+/// The mesh CA: without `dir` a new one; with it, the three files there
+/// ([`MESH_CA_FILES`]) when they all exist, validated as the control plane loads them,
+/// or a new one written there (the directory created, the key mode 0600) when none
+/// does. Some but not all is refused: the missing ones are not regenerated.
+pub fn mesh_ca(dir: Option<&Path>, now_unix: i64) -> Result<(ca::Material, MeshCaOrigin), InstallError> {
+    let Some(dir) = dir else { return Ok((generate_mesh_ca(now_unix)?, MeshCaOrigin::Generated)) };
+    let dir_err = |reason: String| InstallError::MeshCaDir { dir: dir.to_path_buf(), reason };
+    let (present, missing): (Vec<&str>, Vec<&str>) = MESH_CA_FILES.iter().partition(|f| dir.join(f).exists());
+    if !present.is_empty() && !missing.is_empty() {
+        return Err(InstallError::PartialMeshCaDir {
+            dir: dir.to_path_buf(),
+            present: present.join(", "),
+            missing: missing.join(", "),
+        });
+    }
+    let origin = if missing.is_empty() {
+        MeshCaOrigin::Reused(dir.to_path_buf())
+    } else {
+        identity::ensure_dir(dir, TRUST_DOMAIN, now_unix).map_err(|e| dir_err(e.to_string()))?;
+        MeshCaOrigin::Written(dir.to_path_buf())
+    };
+    let material =
+        identity::read_material(&identity::CaSource::Dir(dir.to_path_buf())).map_err(|e| dir_err(e.to_string()))?;
+    ca::Ca::load(&material, ca::DEFAULT_TTL, now_unix).map_err(|e| dir_err(format!("not a usable mesh CA: {e}")))?;
+    Ok((material, origin))
+}
+
+/// A CA and a serving certificate for [`INJECTOR_DNS_NAMES`], valid from an hour before
+/// `now_unix` (clock skew) for [`TLS_VALIDITY_DAYS`], with the mesh CA `mesh` (from
+/// [`mesh_ca`]). The CA's key is dropped: it signs this one certificate and nothing else.
+pub fn tls_with_mesh_ca(now_unix: i64, mesh: ca::Material) -> Result<Tls, InstallError> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
     use x509_parser::time::ASN1Time;
     let err = |e: rcgen::Error| InstallError::Generate(e.to_string());
@@ -311,9 +420,6 @@ pub fn generate_tls(now_unix: i64) -> Result<Tls, InstallError> {
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     (leaf.not_before, leaf.not_after) = (not_before, not_after);
     let cert = leaf.signed_by(&key, &issuer).map_err(err)?;
-    use neutrino_control_plane::identity::ca;
-    let mesh = ca::generate("cluster.local", now_unix, ca::GENERATED_ANCHOR_DAYS, ca::GENERATED_ISSUER_DAYS)
-        .map_err(|e| InstallError::Generate(format!("the mesh CA: {e}")))?;
     Ok(Tls {
         ca_pem: ca_cert.pem(),
         cert_pem: cert.pem(),
@@ -375,7 +481,23 @@ mod tests {
         let webhook = get(&docs, "MutatingWebhookConfiguration", WEBHOOK_CONFIG);
         assert_eq!(webhook["webhooks"][0]["clientConfig"]["caBundle"], "Q0E=");
         assert_eq!(get(&docs, "Secret", INJECTOR_TLS_SECRET)["data"]["tls.key"], "S0VZ");
-        assert!(!kinds.contains(&"Certificate") && !kinds.contains(&"ConfigMap"), "{kinds:?}");
+        let anchors =
+            docs.iter().position(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == TRUST_ANCHORS_CONFIGMAP);
+        assert!(anchors.is_some() && anchors < injector, "the anchors before the injector: {kinds:?}");
+        let cm = get(&docs, "ConfigMap", TRUST_ANCHORS_CONFIGMAP);
+        assert_eq!(
+            (&cm["metadata"]["namespace"], &cm["data"]),
+            (&json!(NAMESPACE), &json!({"anchors.pem": "ANCHORS"}))
+        );
+        assert_eq!(
+            cm["metadata"]["labels"],
+            json!({"app.kubernetes.io/name": "neutrino-injector", "app.kubernetes.io/part-of": "neutrino"})
+        );
+        let volumes = &get(&docs, "Deployment", INJECTOR_SERVICE)["spec"]["template"]["spec"]["volumes"];
+        assert_eq!(volumes[1]["configMap"]["name"], TRUST_ANCHORS_CONFIGMAP, "the injector mounts it: {volumes}");
+        assert_eq!(volumes[1]["configMap"]["items"][0]["key"], TRUST_ANCHORS_KEY);
+        assert_eq!(kinds.iter().filter(|k| **k == "ConfigMap").count(), 1, "{kinds:?}");
+        assert!(!kinds.contains(&"Certificate"), "{kinds:?}");
         let cp = get(&docs, "Deployment", CONTROL_PLANE);
         assert_eq!(cp["spec"]["template"]["spec"]["containers"][0]["args"], json!(CP_ARGS));
         assert_eq!(cp["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"], MESH_CA_SECRET);
@@ -394,7 +516,101 @@ mod tests {
         assert!(webhook["webhooks"][0]["clientConfig"].get("caBundle").is_none());
         assert_eq!(get(&docs, "Certificate", "neutrino-injector")["spec"]["secretName"], INJECTOR_TLS_SECRET);
         assert_eq!(get(&docs, "Certificate", MESH_CA_SECRET)["spec"]["secretName"], MESH_CA_SECRET);
-        assert!(!docs.iter().any(|d| d["kind"] == "Secret"));
+        assert!(!docs.iter().any(|d| d["kind"] == "Secret" || d["kind"] == "ConfigMap"));
+        // cert-manager cannot write the ConfigMap: the injector mounts the Secret's ca.crt.
+        let volumes = &get(&docs, "Deployment", INJECTOR_SERVICE)["spec"]["template"]["spec"]["volumes"];
+        assert_eq!(
+            volumes[1],
+            json!({"name": "trust-anchors", "secret": {"secretName": MESH_CA_SECRET, "items": [{"key": "ca.crt", "path": TRUST_ANCHORS_KEY}]}})
+        );
+        assert_eq!(volumes[0]["secret"]["secretName"], INJECTOR_TLS_SECRET, "the other volume stays: {volumes}");
+    }
+
+    /// deploy/cert-manager/injector-anchors.yaml addresses the volume by index (JSON
+    /// patches cannot select by name); its `test` op refuses to patch a moved volume.
+    #[test]
+    fn the_cert_manager_anchors_patch_finds_the_trust_anchors_volume_or_fails() {
+        let mut docs = read(BASE[4]).expect("injector.yaml");
+        let volumes =
+            &find(&mut docs, "Deployment", INJECTOR_SERVICE).expect("injector")["spec"]["template"]["spec"]["volumes"];
+        assert_eq!(
+            (&volumes[1]["name"], &volumes[1]["configMap"]["name"]),
+            (&json!("trust-anchors"), &json!(TRUST_ANCHORS_CONFIGMAP)),
+            "deploy/base/injector.yaml moved the trust-anchors volume: update deploy/cert-manager/injector-anchors.yaml"
+        );
+        json_patch_file(&mut docs, CERT_MANAGER_INJECTOR_PATCH, INJECTOR_SERVICE).expect("patch applies");
+        let mut docs = read(BASE[4]).expect("injector.yaml");
+        let spec = &mut find(&mut docs, "Deployment", INJECTOR_SERVICE).expect("injector")["spec"]["template"]["spec"];
+        spec["volumes"].as_array_mut().expect("volumes").swap(0, 1);
+        let moved = json_patch_file(&mut docs, CERT_MANAGER_INJECTOR_PATCH, INJECTOR_SERVICE);
+        assert!(matches!(moved, Err(InstallError::Patch { .. })), "{moved:?}");
+    }
+
+    fn mesh_secret_and_anchors(tls: &Tls) -> (Json, Json) {
+        let docs = objects(&render(&Options::default(), Some(tls)).expect("render"));
+        (
+            get(&docs, "Secret", MESH_CA_SECRET)["data"].clone(),
+            get(&docs, "ConfigMap", TRUST_ANCHORS_CONFIGMAP)["data"].clone(),
+        )
+    }
+
+    #[test]
+    fn mesh_ca_dir_is_written_on_the_first_run_and_reused_after() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let now = 1_700_000_000;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("mesh-ca");
+        let (first, origin) = mesh_ca(Some(&dir), now).expect("generate into a missing dir");
+        assert_eq!(origin, MeshCaOrigin::Written(dir.clone()));
+        assert!(origin.notice().is_some_and(|n| n.contains("mesh-ca")));
+        for file in MESH_CA_FILES {
+            assert!(dir.join(file).is_file(), "{file} written");
+        }
+        assert_eq!(std::fs::read_to_string(dir.join("issuer-key.pem")).expect("key"), first.issuer_key_pem);
+        let mode = std::fs::metadata(dir.join("issuer-key.pem")).expect("key").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (second, origin) = mesh_ca(Some(&dir), now + 86_400).expect("reuse");
+        assert_eq!((origin, &second), (MeshCaOrigin::Reused(dir.clone()), &first));
+        let a = mesh_secret_and_anchors(&tls_with_mesh_ca(now, first).expect("tls"));
+        let b = mesh_secret_and_anchors(&tls_with_mesh_ca(now + 86_400, second).expect("tls"));
+        assert_eq!(a, b, "two renders from one --mesh-ca-dir carry the same mesh CA");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(a.1["anchors.pem"].as_str().expect("pem"));
+        assert_eq!(a.0["ca.crt"], json!(b64), "the ConfigMap's anchors are the Secret's ca.crt");
+        // An empty directory is generated into as well.
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).expect("mkdir");
+        assert_eq!(mesh_ca(Some(&empty), now).expect("generate").1, MeshCaOrigin::Written(empty.clone()));
+    }
+
+    #[test]
+    fn mesh_ca_dir_refuses_a_partial_or_invalid_set() {
+        let now = 1_700_000_000;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (full, _) = mesh_ca(Some(tmp.path()), now).expect("generate");
+        std::fs::remove_file(tmp.path().join("issuer-key.pem")).expect("rm");
+        let err = mesh_ca(Some(tmp.path()), now).expect_err("partial");
+        assert!(matches!(err, InstallError::PartialMeshCaDir { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("anchors.pem, issuer.pem") && text.contains("not issuer-key.pem"), "{text}");
+        assert!(!tmp.path().join("issuer-key.pem").exists(), "nothing regenerated");
+        // Every file there, but the key is not the issuer's.
+        let other = generate_mesh_ca(now).expect("generate");
+        std::fs::write(tmp.path().join("issuer-key.pem"), other.issuer_key_pem).expect("write");
+        let err = mesh_ca(Some(tmp.path()), now).expect_err("mismatched key").to_string();
+        assert!(err.starts_with("--mesh-ca-dir") && err.contains("does not belong"), "{err}");
+        std::fs::write(tmp.path().join("anchors.pem"), "not PEM").expect("write");
+        std::fs::write(tmp.path().join("issuer-key.pem"), full.issuer_key_pem).expect("write");
+        let err = mesh_ca(Some(tmp.path()), now).expect_err("no anchors").to_string();
+        assert!(err.contains("trust anchors"), "{err}");
+    }
+
+    #[test]
+    fn without_mesh_ca_dir_a_new_ca_comes_with_a_warning() {
+        let (a, origin) = mesh_ca(None, 1_700_000_000).expect("generate");
+        let notice = origin.notice().expect("a warning");
+        assert!(notice.starts_with("warning: generated a NEW mesh CA") && notice.contains("--mesh-ca-dir"), "{notice}");
+        let (b, _) = mesh_ca(None, 1_700_000_000).expect("generate");
+        assert_ne!(a.anchors_pem, b.anchors_pem);
     }
 
     #[test]

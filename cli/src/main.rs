@@ -69,7 +69,7 @@ enum Command {
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
         #[command(flatten)]
-        args: neutrino_injector::config::InjectArgs,
+        args: Box<neutrino_injector::config::InjectArgs>,
     },
     /// Remove exactly what `neutrino inject` (or the webhook) added.
     Uninject {
@@ -83,7 +83,8 @@ enum Command {
     /// Print the mesh's Kubernetes manifests (deploy/ rendered), for
     /// `neutrino install | kubectl apply -f -`. Without --cert-manager, a CA and the
     /// injector's serving certificate are generated (a new pair on every run), and the
-    /// mesh CA (Secret neutrino-ca: a new trust anchor and issuer on every run).
+    /// mesh CA (Secret neutrino-ca and ConfigMap neutrino-trust-anchors: a new trust
+    /// anchor and issuer on every run, unless --mesh-ca-dir keeps them).
     Install {
         /// Add the demo: Redis for the control-plane replicas, Jaeger, and the sample app.
         #[arg(long)]
@@ -102,6 +103,12 @@ enum Command {
         /// with --demo).
         #[arg(long)]
         redis_url: Option<String>,
+        /// Keep the mesh CA here: anchors.pem, issuer.pem and issuer-key.pem are read (and
+        /// validated) when all present, or generated and written (the directory created,
+        /// the key 0600) when none is; a partial set is refused. Without it every run
+        /// generates a new mesh CA, and applying that replaces the CA of a running mesh.
+        #[arg(long, value_name = "DIR", conflicts_with = "cert_manager")]
+        mesh_ca_dir: Option<PathBuf>,
     },
     /// Preflight and health of the mesh in a cluster (KUBECONFIG): API, permissions, the
     /// webhook and its CA, the control plane, connected proxies and their versions. Exits
@@ -161,13 +168,20 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Inject { file, output, args } => inject::inject(&file, output.as_ref(), &args),
         Command::Uninject { file, output } => inject::uninject(&file, output.as_ref()),
-        Command::Install { demo, cert_manager, image_registry, tag, redis_url } => {
+        Command::Install { demo, cert_manager, image_registry, tag, redis_url, mesh_ca_dir } => {
             let opts = install::Options { demo, cert_manager, image_registry, tag, redis_url };
-            let tls = match cert_manager {
-                true => None,
-                false => Some(install::generate_tls(now_unix())?),
+            let (tls, notice) = match cert_manager {
+                true => (None, None),
+                false => {
+                    let now = now_unix();
+                    let (mesh, origin) = install::mesh_ca(mesh_ca_dir.as_deref(), now)?;
+                    (Some(install::tls_with_mesh_ca(now, mesh)?), origin.notice())
+                }
             };
             print!("{}", install::render(&opts, tls.as_ref())?);
+            if let Some(notice) = notice {
+                eprintln!("{notice}");
+            }
             Ok(())
         }
         Command::Check { timeout_secs } => {

@@ -87,6 +87,7 @@ fn the_default_install_validates() {
         "CustomResourceDefinition /authorizationpolicies.policy.neutrino.io",
         "Secret neutrino-system/neutrino-injector-tls",
         "Secret neutrino-system/neutrino-ca",
+        "ConfigMap neutrino-system/neutrino-trust-anchors",
         "MutatingWebhookConfiguration /neutrino-sidecar-injector",
     ] {
         assert!(objects.contains_key(key), "{key} missing: {:?}", objects.keys());
@@ -119,14 +120,38 @@ fn kustomize_renders_the_same_objects_as_neutrino_install() {
             assert_eq!(object, &installed[key], "deploy/{dir}: {key} differs from `neutrino {}`", args.join(" "));
         }
     }
-    // The base is the default install without the generated Secret and caBundle.
+    // The base is the default install without the generated Secrets, trust anchors and caBundle.
     let base = objects(&kustomize("base"));
     let mut installed = objects(&neutrino(&["install"]));
     assert!(installed.remove("Secret neutrino-system/neutrino-injector-tls").is_some());
     assert!(installed.remove("Secret neutrino-system/neutrino-ca").is_some());
+    assert!(installed.remove("ConfigMap neutrino-system/neutrino-trust-anchors").is_some());
     let hook = installed.get_mut("MutatingWebhookConfiguration /neutrino-sidecar-injector").unwrap();
     hook["webhooks"][0]["clientConfig"].as_object_mut().unwrap().remove("caBundle");
     assert_eq!(base, installed);
+}
+
+/// `--mesh-ca-dir`: the first run writes the mesh CA, the next renders the same one;
+/// without it, a warning on stderr (stdout stays the manifests).
+#[test]
+fn mesh_ca_dir_keeps_the_mesh_ca_across_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    let run = || objects(&neutrino(&["install", "--mesh-ca-dir", dir.to_str().unwrap()]));
+    let (first, second) = (run(), run());
+    for key in ["Secret neutrino-system/neutrino-ca", "ConfigMap neutrino-system/neutrino-trust-anchors"] {
+        assert_eq!(first[key]["data"], second[key]["data"], "{key}");
+    }
+    assert!(dir.join("issuer-key.pem").is_file());
+    let out = Command::new(env!("CARGO_BIN_EXE_neutrino")).arg("install").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("NEW mesh CA") && stderr.contains("--mesh-ca-dir"), "{stderr}");
+    let both = Command::new(env!("CARGO_BIN_EXE_neutrino"))
+        .args(["install", "--cert-manager", "--mesh-ca-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!both.status.success(), "--mesh-ca-dir conflicts with --cert-manager");
 }
 
 #[test]

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod quantity;
 pub mod serve;
+pub mod trace;
 pub mod translate;
 pub mod watch;
 
@@ -42,6 +43,8 @@ pub struct Settings {
     pub source: Source,
     /// The SPIFFE trust domain of every identity in the mesh (e.g. cluster.local).
     pub trust_domain: String,
+    /// Where push spans go (`--otlp-endpoint`); None: the `OTEL_*` variables decide.
+    pub otlp_endpoint: Option<String>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub debounce: DebounceSettings,
@@ -59,6 +62,8 @@ pub enum RunError {
     Grpc(#[from] tonic::transport::Error),
     #[error("identity: {0}")]
     Identity(#[from] identity::IdentityError),
+    #[error("OTLP trace exporter: {0}; check --otlp-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT")]
+    Trace(String),
 }
 
 /// Runs the control plane until `shutdown` resolves.
@@ -110,7 +115,19 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()> + Send +
         source,
     })?;
     tracing::info!(grpc = %settings.grpc_addr, admin = %settings.admin_addr, "control plane listening");
-    let service = DiscoveryService::new(published, Arc::clone(&metrics), registry, settings.serve, load.sink);
+    let counters = neutrino_otel::Counters {
+        exported: metrics.trace_spans_exported.clone(),
+        dropped: metrics.trace_spans_dropped.clone(),
+        export_failures: metrics.trace_export_failures.clone(),
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let replica = format!("{}-{}", host.trim(), std::process::id());
+    let tracer = trace::PushTracer::start(settings.otlp_endpoint.as_deref(), &replica, counters)
+        .map_err(RunError::Trace)?
+        .map(Arc::new);
+    let mut serve_settings = settings.serve;
+    serve_settings.tracer = tracer.clone();
+    let service = DiscoveryService::new(published, Arc::clone(&metrics), registry, serve_settings, load.sink);
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let tls = match identity {
         Some((started, addr)) => {
@@ -147,6 +164,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()> + Send +
             Ok(result) => result?,
             Err(e) => tracing::error!("TLS server task: {e}"),
         }
+    }
+    if let Some(t) = tracer {
+        t.shutdown().await;
     }
     Ok(())
 }

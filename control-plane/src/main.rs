@@ -90,6 +90,11 @@ struct Args {
     /// Names in the control plane's TLS certificate (comma-separated; IP literals become IP SANs).
     #[arg(long, default_value = identity::DEFAULT_TLS_NAMES, value_delimiter = ',')]
     tls_names: Vec<String>,
+    /// Export a span per push (until the proxy's ACK or NACK) over OTLP/gRPC to this
+    /// collector; without it, OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT decides. Other OTEL_*
+    /// variables (OTEL_TRACES_SAMPLER(_ARG), OTEL_BSP_*) are honoured.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Log filter, e.g. "info" or "neutrino_control_plane=debug".
     #[arg(long, env = "NEUTRINO_LOG", default_value = "info")]
     log: String,
@@ -162,7 +167,8 @@ async fn main() -> anyhow::Result<()> {
             quiet: Duration::from_millis(args.debounce_quiet_ms),
             max_delay: Duration::from_millis(args.debounce_max_ms),
         },
-        serve: ServeSettings { max_stream_age: Duration::from_secs(args.max_stream_age_secs) },
+        serve: ServeSettings { max_stream_age: Duration::from_secs(args.max_stream_age_secs), tracer: None },
+        otlp_endpoint: args.otlp_endpoint.filter(|e| !e.trim().is_empty()),
         load: LoadSettings { interval: Duration::from_millis(args.capacity_interval_ms.max(10)), redis },
         identity,
     };

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub redis_writes_dropped: Counter,
     pub redis_malformed: Counter,
     /// Identity (issue 7): leaves signed, refusals, CA expiry and reloads.
+    pub trace_spans_exported: Counter,
+    pub trace_spans_dropped: Counter,
+    pub trace_export_failures: Counter,
     pub certificates_issued: Counter,
     pub certify_failures: Family<ReasonLabel, Counter>,
     pub issuer_expiry: Gauge,
@@ -66,6 +69,21 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut r = Registry::with_prefix("neutrino_cp");
         r.register("connected_proxies", "Proxies with an open discovery stream", self.connected_proxies.clone());
+        r.register(
+            "trace_spans_exported",
+            "Push spans accepted by the OTLP collector",
+            self.trace_spans_exported.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Push spans dropped: the export queue was full, or their export failed",
+            self.trace_spans_dropped.clone(),
+        );
+        r.register(
+            "trace_export_failures",
+            "OTLP exports that failed or missed their deadline",
+            self.trace_export_failures.clone(),
+        );
         r.register("streams", "Discovery streams opened", self.streams_total.clone());
         r.register("responses_sent", "Discovery responses sent, by resource kind", self.responses_sent.clone());
         r.register("resources_sent", "Resources sent in discovery responses", self.resources_sent.clone());

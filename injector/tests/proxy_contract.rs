@@ -114,9 +114,14 @@ fn the_defaults_are_the_proxys_and_the_control_planes() {
 
 #[test]
 fn the_otlp_endpoint_variable_is_the_one_the_proxy_exports_to() {
+    // The proxy's exporter is the shared OTLP pipeline (`otel/`), which reads the variable.
+    let otel = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../otel/src/lib.rs")).expect("otel");
+    assert!(otel.contains(&format!("var(\"{}\")", containers::OTLP_ENDPOINT_ENV)), "the proxy no longer reads it");
     let trace = proxy_source("telemetry/trace.rs");
-    assert!(trace.contains(&format!("var(\"{}\")", containers::OTLP_ENDPOINT_ENV)), "the proxy no longer reads it");
-    assert!(trace.contains("with_service_name(\"neutrino-proxy\")"), "the default service name moved");
+    assert!(
+        trace.contains("neutrino_otel::resource(") && trace.contains("\"neutrino-proxy\","),
+        "the default service name moved"
+    );
     let cfg = InjectConfig {
         otlp_endpoint: Some("http://jaeger.neutrino-system.svc:4317".into()),
         ..InjectConfig::default()

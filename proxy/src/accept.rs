@@ -336,34 +336,24 @@ async fn mesh_tls_inbound(
 /// What a mesh mTLS connection without ALPN carries: HTTP is served, anything else is
 /// authorized as a connection and spliced to the app.
 #[allow(clippy::too_many_arguments)]
-async fn mesh_opaque<IO>(
+async fn mesh_opaque(
     shared: Arc<Shared>,
-    io: Rewind<IO>,
+    io: Rewind<tokio_rustls::server::TlsStream<Rewind<TcpStream>>>,
     protocol: Protocol,
     target: SocketAddr,
     drain: tokio::sync::watch::Receiver<bool>,
     peer: Option<Arc<str>>,
     service: &str,
     policy: &crate::route::Authorizer,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+) {
     match protocol {
         Protocol::Http1 | Protocol::Http2 => serve_inbound_http(shared, target, io, protocol, drain, peer).await,
         Protocol::Tls | Protocol::Tcp => {
             if let crate::route::Decision::Deny { reason } = policy.authorize(peer.as_deref(), None) {
-                shared
-                    .metrics
-                    .security
-                    .policy_denials
-                    .get_or_create(&crate::metrics::ServiceLabel { service: service.to_string() })
-                    .inc();
-                tracing::info!(
-                    service,
-                    peer = peer.as_deref().unwrap_or("-"),
-                    "inbound: denied a connection: {reason}"
-                );
-                return;
+                // The TCP connection under the TLS session is reset, like a plaintext one.
+                let (_, tls) = io.into_parts();
+                let (_, tcp) = tls.into_inner().0.into_parts();
+                return deny_connection(&shared, service, peer.as_deref(), reason, tcp);
             }
             if let Err(e) = tcp::splice(io, target, shared.settings.connect_timeout).await {
                 tracing::debug!("inbound to {target}: {e}");

@@ -172,6 +172,11 @@ impl Metrics {
             sec.plaintext_refused.clone(),
         );
         r.register(
+            "inbound_mtls_connections",
+            "Inbound mesh mTLS connections by the caller's verified SPIFFE id",
+            sec.inbound_by_caller.clone(),
+        );
+        r.register(
             "policy_denials",
             "Requests and connections denied by authorization policy",
             sec.policy_denials.clone(),

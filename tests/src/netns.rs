@@ -106,6 +106,30 @@ impl Drop for Pods {
     }
 }
 
+/// Polls `ok` every 50 ms until it succeeds; panics with its last error after `timeout`.
+pub fn poll_until(what: &str, timeout: std::time::Duration, mut ok: impl FnMut() -> Result<(), String>) {
+    let start = std::time::Instant::now();
+    loop {
+        match ok() {
+            Ok(()) => return,
+            Err(e) if start.elapsed() > timeout => panic!("timed out after {timeout:?} waiting for {what}: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+}
+
+/// curl run inside pod `ns` (10 s limit): stdout, or stderr when it fails.
+pub fn curl_in(ns: &str, args: &[&str]) -> Result<String, String> {
+    let out = Pods::exec(ns, Path::new("curl"), &[&["-s", "-S", "--max-time", "10"], args].concat())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
 /// A process inside a pod, killed when dropped, its output kept in a log file.
 pub struct PodProc {
     child: Child,

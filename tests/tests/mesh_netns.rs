@@ -7,9 +7,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use neutrino_tests::netns::{IP_B, IP6_B, PodProc, Pods};
+use neutrino_tests::netns::{IP_B, IP6_B, PodProc, Pods, curl_in, poll_until};
 use neutrino_tests::{bin, metric};
 
 const VIP: &str = "10.96.0.10";
@@ -19,28 +19,6 @@ struct Mesh {
     pods: Pods,
     _procs: Vec<PodProc>,
     _dir: tempfile::TempDir,
-}
-
-fn poll_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<(), String>) {
-    let start = Instant::now();
-    loop {
-        match ok() {
-            Ok(()) => return,
-            Err(e) if start.elapsed() > timeout => panic!("timed out after {timeout:?} waiting for {what}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-fn curl_in(ns: &str, args: &[&str]) -> Result<String, String> {
-    let out = Pods::exec(ns, Path::new("curl"), &[&["-s", "-S", "--max-time", "10"], args].concat())
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
 }
 
 fn proxy_metric(ns: &str, name: &str) -> f64 {

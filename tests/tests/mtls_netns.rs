@@ -9,9 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use neutrino_tests::netns::{IP_B, PodProc, Pods};
+use neutrino_tests::netns::{IP_B, PodProc, Pods, curl_in, poll_until};
 use neutrino_tests::{bin, metric};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose, SanType};
 
@@ -25,28 +25,6 @@ struct Mesh {
     procs: Vec<PodProc>,
     dir: tempfile::TempDir,
     mesh_file: PathBuf,
-}
-
-fn poll_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<(), String>) {
-    let start = Instant::now();
-    loop {
-        match ok() {
-            Ok(()) => return,
-            Err(e) if start.elapsed() > timeout => panic!("timed out after {timeout:?} waiting for {what}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-fn curl_in(ns: &str, args: &[&str]) -> Result<String, String> {
-    let out = Pods::exec(ns, Path::new("curl"), &[&["-s", "-S", "--max-time", "10"], args].concat())
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
 }
 
 /// Status code and body of a request made with curl in pod A.

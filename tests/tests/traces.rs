@@ -308,3 +308,88 @@ async fn with_the_collector_down_or_hanging_every_request_succeeds_and_drops_are
     eprintln!("B stopped {:?} after SIGTERM", stopping.elapsed());
     drop(hanging);
 }
+
+/// A request on a raw Discovery stream.
+fn discovery(type_url: &str, node: Option<&str>, nonce: &str, nack: Option<&str>) -> neutrino_proto::DiscoveryRequest {
+    neutrino_proto::DiscoveryRequest {
+        node: node.map(|id| neutrino_proto::Node { id: id.into(), ..Default::default() }),
+        type_url: type_url.into(),
+        subscribe: if nonce.is_empty() { vec![neutrino_proto::WILDCARD.into()] } else { vec![] },
+        response_nonce: nonce.into(),
+        error_detail: nack.map(|m| neutrino_proto::ErrorDetail {
+            code: 3,
+            message: m.into(),
+            reasons: vec!["Endpoints default/web: rejected because the test says so".into()],
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_control_plane_traces_each_push_until_the_proxy_answers() {
+    use neutrino_proto::type_url;
+    let collector = Collector::default();
+    let otlp = collector.start().await;
+    let mesh = MeshFile::new("services:\n  - name: web\n    ports: [{port: 80}]\n");
+    let (grpc, admin) = (free_port(), free_port());
+    let args: Vec<String> = ["--mesh-file", &mesh.path().display().to_string(), "--grpc-addr"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("127.0.0.1:{grpc}"), "--admin-addr".into(), format!("127.0.0.1:{admin}")])
+        .collect();
+    let endpoint = format!("http://127.0.0.1:{otlp}");
+    let _cp = Proc::spawn_env(
+        "neutrino-control-plane",
+        &args,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    wait_for("control plane /ready", Duration::from_secs(20), || async {
+        let (code, body) = get(admin, "/ready").await?;
+        ensure!(code == 200, "{code}: {body}");
+        Ok(())
+    })
+    .await;
+
+    // A proxy's stream, by hand: it ACKs the Service push and NACKs the Endpoints push.
+    let mut client =
+        neutrino_proto::discovery_client::DiscoveryClient::connect(format!("http://127.0.0.1:{grpc}")).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(discovery(type_url::SERVICE, Some("traced-proxy.default"), "", None)).await.unwrap();
+    tx.send(discovery(type_url::ENDPOINTS, None, "", None)).await.unwrap();
+    let mut inbound = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    for _ in 0..2 {
+        let r = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await.unwrap().unwrap().unwrap();
+        let nack = (r.type_url == type_url::ENDPOINTS).then_some("test rejects the update");
+        tx.send(discovery(&r.type_url, None, &r.nonce, nack)).await.unwrap();
+    }
+
+    let cp_spans = || {
+        collector
+            .spans()
+            .into_iter()
+            .filter(|(_, res, _)| attr(res, "service.name").as_deref() == Some("neutrino-control-plane"))
+            .map(|(_, _, s)| s)
+            .collect::<Vec<Span>>()
+    };
+    let (acked, nacked) = wait_for("both push spans", Duration::from_secs(20), || async {
+        let spans = cp_spans();
+        let find = |name: &str| spans.iter().find(|s| s.name == name).cloned();
+        match (find("push Service"), find("push Endpoints")) {
+            (Some(a), Some(n)) => Ok((a, n)),
+            _ => Err(anyhow!("spans so far: {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>())),
+        }
+    })
+    .await;
+    assert_eq!(acked.kind, SpanKind::Producer as i32);
+    assert_eq!(attr(&acked.attributes, "neutrino.node").as_deref(), Some("traced-proxy.default"));
+    assert_eq!(attr(&acked.attributes, "neutrino.resources").as_deref(), Some("1"));
+    assert_eq!(attr(&acked.attributes, "neutrino.outcome").as_deref(), Some("ack"));
+    assert_eq!(acked.status.as_ref().map(|s| s.code), Some(StatusCode::Ok as i32));
+    assert_eq!(attr(&nacked.attributes, "neutrino.outcome").as_deref(), Some("nack"));
+    let status = nacked.status.clone().unwrap_or_default();
+    assert_eq!(status.code, StatusCode::Error as i32);
+    assert!(status.message.contains("test rejects the update"), "{}", status.message);
+    let event = nacked.events.iter().find(|e| e.name == "nack").expect("a nack event");
+    assert!(attr(&event.attributes, "neutrino.reason.0").unwrap_or_default().contains("rejected because"));
+    assert!(nacked.end_time_unix_nano >= nacked.start_time_unix_nano);
+}

@@ -33,6 +33,8 @@ pub struct ServeSettings {
     /// Streams are closed after this age (with ±10 % jitter) so that proxies spread
     /// over replicas as replicas come and go.
     pub max_stream_age: Duration,
+    /// A span per push until its ACK/NACK, when tracing is on (`crate::trace`).
+    pub tracer: Option<Arc<crate::trace::PushTracer>>,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +85,9 @@ impl Discovery for DiscoveryService {
             peer,
             reports: self.reports.clone(),
             pod_key: None,
+            tracer: self.settings.tracer.clone(),
+            spans: HashMap::new(),
+            node_id: String::new(),
         };
         let age = jittered(self.settings.max_stream_age);
         tokio::spawn(conn.run(age));
@@ -124,6 +129,10 @@ struct Connection {
     reports: ReportSink,
     /// "<namespace>/<pod>" of the proxy, when it names its pod: whose load it reports.
     pod_key: Option<String>,
+    tracer: Option<Arc<crate::trace::PushTracer>>,
+    /// The span of each type's response in flight, ended by the proxy's answer.
+    spans: HashMap<String, crate::trace::PushSpan>,
+    node_id: String,
 }
 
 /// Why a stream ended; for the log.
@@ -136,6 +145,9 @@ enum End {
 impl Connection {
     async fn run(mut self, max_age: Duration) {
         let end = self.serve(max_age).await;
+        for (_, span) in self.spans.drain() {
+            span.abandoned("the stream ended before the proxy answered");
+        }
         if self.stream_id != 0 {
             self.registry.remove(self.stream_id);
             self.metrics.connected_proxies.dec();
@@ -207,6 +219,7 @@ impl Connection {
 
     fn register(&mut self, node: &Node) {
         self.stream_id = self.registry.add(node.clone(), self.peer.clone());
+        self.node_id.clone_from(&node.id);
         self.pod_key = (!node.pod.is_empty()).then(|| crate::model::pod_key(&node.namespace, &node.pod));
         self.metrics.connected_proxies.inc();
         self.metrics.streams_total.inc();
@@ -235,6 +248,9 @@ impl Connection {
                 None => {
                     self.metrics.acks.get_or_create(&kind).inc();
                     self.registry.ack(self.stream_id, &type_url, &req.response_nonce);
+                    if let Some(span) = self.spans.remove(&type_url) {
+                        span.acked();
+                    }
                 }
                 Some(err) => {
                     self.metrics.nacks.get_or_create(&kind).inc();
@@ -243,6 +259,9 @@ impl Connection {
                         "serve: proxy rejected update: {} {:?}", err.message, err.reasons
                     );
                     self.registry.nack(self.stream_id, &type_url, &req.response_nonce, err);
+                    if let Some(span) = self.spans.remove(&type_url) {
+                        span.nacked(&err.message, &err.reasons);
+                    }
                 }
             }
             let dirty = std::mem::take(&mut sub.dirty);
@@ -324,6 +343,17 @@ impl Connection {
         sub.in_flight = Some(nonce.clone());
         let held = sub.held_count();
         self.registry.sent(self.stream_id, type_url, &nonce, snapshot.generation, held);
+        if let Some(t) = &self.tracer {
+            let push = crate::trace::Push {
+                node: &self.node_id,
+                type_url,
+                nonce: &nonce,
+                generation: snapshot.generation,
+                resources: response.resources.len(),
+                removed: response.removed_resources.len(),
+            };
+            self.spans.insert(type_url.to_string(), t.push(push));
+        }
         self.out.send(Ok(response)).await.map_err(|_| End::ProxyGone)
     }
 }

@@ -125,6 +125,21 @@ impl Trust {
     fn algorithms(&self) -> WebPkiSupportedAlgorithms {
         self.provider.signature_verification_algorithms
     }
+
+    /// The handshake signature check both verifiers make (TLS 1.3 only).
+    fn verify_tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms())
+    }
+}
+
+/// Mesh TLS never negotiates TLS 1.2 (both configs offer 1.3 only); a 1.2 signature is refused.
+fn tls12_refused() -> rustls::Error {
+    rustls::Error::General("mesh TLS is TLS 1.3 only".into())
 }
 
 fn build_roots(
@@ -234,7 +249,7 @@ impl ServerCertVerifier for PeerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("mesh TLS is TLS 1.3 only".into()))
+        Err(tls12_refused())
     }
 
     fn verify_tls13_signature(
@@ -243,7 +258,7 @@ impl ServerCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.trust.algorithms())
+        self.trust.verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -285,7 +300,7 @@ impl ClientCertVerifier for CallerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("mesh TLS is TLS 1.3 only".into()))
+        Err(tls12_refused())
     }
 
     fn verify_tls13_signature(
@@ -294,7 +309,7 @@ impl ClientCertVerifier for CallerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.trust.algorithms())
+        self.trust.verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -8,7 +8,6 @@ pub mod request_log;
 pub mod route_metrics;
 pub mod stats;
 pub mod trace;
-pub mod trace_export;
 
 /// The trace id of a W3C `traceparent` header ("00-<trace id>-<span id>-<flags>"), if
 /// it is well formed.

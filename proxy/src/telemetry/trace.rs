@@ -12,14 +12,13 @@
 //! Nothing here may slow or fail a request. Ending a span hands it to a bounded queue
 //! without waiting: when the queue is full the span is dropped and counted. The SDK's
 //! batch processor drains the queue on its own thread; each export (encoding and gRPC)
-//! runs on a one-thread tokio runtime of its own (`trace_export`), under a short
+//! runs on a one-thread tokio runtime of its own (`neutrino_otel`), under a short
 //! deadline, and spans of a failed or timed-out export are dropped and counted too. Metrics: `trace_spans_exported`,
 //! `trace_spans_dropped` (queue full + lost in failed exports), `trace_export_failures`.
 //! It must not change a request beyond its trace headers, nor decide where it goes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -30,24 +29,13 @@ use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_propagator_b3::B3Encoding;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanExporter};
-use prometheus_client::metrics::counter::Counter;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanExporter};
 use thiserror::Error;
 
-pub use super::trace_export::ExportRuntime;
-use super::trace_export::{Bounded, OnRuntime};
 use crate::route::{Operation, ServiceEntry};
 use crate::select::Choice;
 use crate::select::endpoints::Endpoint;
-
-/// The queue of ended spans waiting for export, unless `OTEL_BSP_MAX_QUEUE_SIZE` says.
-const DEFAULT_QUEUE: usize = 2048;
-/// One export's deadline, unless `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` or
-/// `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds) says: short, so a slow collector costs
-/// queue room, never requests.
-const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long shutdown waits for the last spans to be exported.
-pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+pub use neutrino_otel::{Counters, ExportRuntime};
 
 const TRACEPARENT: &str = "traceparent";
 const B3_SINGLE: &str = "b3";
@@ -71,31 +59,14 @@ impl Settings {
     /// Tracing settings if tracing is on: an endpoint given or set in the environment,
     /// and neither `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`.
     pub fn if_enabled(endpoint: Option<String>, pod: &str, namespace: &str, instance: &str) -> Option<Settings> {
-        let var = |k: &str| std::env::var(k).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
         let endpoint = endpoint.filter(|e| !e.trim().is_empty());
-        let configured = endpoint.is_some()
-            || var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
-            || var("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
-        let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
-            || var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
-        (configured && !disabled).then(|| Settings {
+        neutrino_otel::enabled(endpoint.as_deref()).then(|| Settings {
             endpoint,
             pod: pod.to_string(),
             namespace: namespace.to_string(),
             instance: instance.to_string(),
         })
     }
-}
-
-/// What happens to ended spans, for `/metrics`.
-#[derive(Debug, Clone, Default)]
-pub struct Counters {
-    /// Spans the collector accepted.
-    pub exported: Counter,
-    /// Spans lost: the queue was full when they ended, or their export failed.
-    pub dropped: Counter,
-    /// Export calls that failed or missed their deadline.
-    pub export_failures: Counter,
 }
 
 #[derive(Debug, Error)]
@@ -119,46 +90,20 @@ pub struct Tracing {
     identity: opentelemetry::Value,
 }
 
-fn env_ms(keys: &[&str]) -> Option<Duration> {
-    keys.iter().find_map(|k| std::env::var(k).ok()?.trim().parse::<u64>().ok()).map(Duration::from_millis)
-}
-
-fn env_usize(key: &str) -> Option<usize> {
-    std::env::var(key).ok()?.trim().parse().ok().filter(|&n| n > 0)
-}
-
 impl Tracing {
     /// Starts the OTLP/gRPC exporter and the batch processor. Exports run on a runtime of
     /// their own (one thread), never on the threads that serve requests.
     pub fn start(settings: &Settings, counters: Counters) -> Result<Tracing, TraceError> {
-        use opentelemetry_otlp::{WithExportConfig, WithTonicConfig as _};
-        let timeout = env_ms(&["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"])
-            .unwrap_or(DEFAULT_EXPORT_TIMEOUT);
-        let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_timeout(timeout);
-        if let Some(e) = &settings.endpoint {
-            builder = builder.with_endpoint(e.clone());
-        }
-        // The deadline bounds an export whole; the processor's queue absorbs the rest.
-        builder = builder.with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled());
-        let runtime = ExportRuntime::new().map_err(|e| TraceError::Exporter(e.to_string()))?;
-        // Built inside the export runtime, so the gRPC channel's own tasks run there too.
-        let exporter = runtime.enter(|| builder.build()).map_err(|e| TraceError::Exporter(e.to_string()))?;
-        let mut resource = Resource::builder();
-        // A default only: OTEL_SERVICE_NAME, or service.name in OTEL_RESOURCE_ATTRIBUTES, wins.
-        let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
-            || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
-                .is_ok_and(|a| a.split(',').any(|kv| kv.trim_start().starts_with("service.name=")));
-        if !named {
-            resource = resource.with_service_name("neutrino-proxy");
-        }
-        let resource = resource
-            .with_attributes([
+        let (exporter, runtime, timeout) =
+            neutrino_otel::otlp_exporter(settings.endpoint.as_deref()).map_err(TraceError::Exporter)?;
+        let resource = neutrino_otel::resource(
+            "neutrino-proxy",
+            vec![
                 KeyValue::new("service.instance.id", settings.instance.clone()),
                 KeyValue::new("k8s.pod.name", settings.pod.clone()),
                 KeyValue::new("k8s.namespace.name", settings.namespace.clone()),
-                KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-            ])
-            .build();
+            ],
+        );
         Ok(Tracing::with_exporter(exporter, runtime, resource, counters, timeout, &settings.instance))
     }
 
@@ -171,16 +116,7 @@ impl Tracing {
         timeout: Duration,
         identity: &str,
     ) -> Tracing {
-        let queue = env_usize("OTEL_BSP_MAX_QUEUE_SIZE").unwrap_or(DEFAULT_QUEUE);
-        let pending = Arc::new(AtomicUsize::new(0));
-        let exporter = OnRuntime::new(exporter, runtime, timeout + Duration::from_millis(100), &pending, &counters);
-        // The rest of the batch settings (OTEL_BSP_SCHEDULE_DELAY, ..._MAX_EXPORT_BATCH_SIZE)
-        // come from the environment.
-        let config = BatchConfigBuilder::default().with_max_queue_size(queue).build();
-        let processor = Bounded { inner: BatchSpanProcessor::new(exporter, config), pending, queue, counters };
-        // The sampler comes from OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG; unset,
-        // it is parent-based always-on (the same as parentbased_traceidratio at 1.0).
-        let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build();
+        let provider = neutrino_otel::provider(exporter, runtime, resource, counters, timeout);
         let scope = InstrumentationScope::builder("neutrino-proxy").with_version(env!("CARGO_PKG_VERSION")).build();
         let tracer = provider.tracer_with_scope(scope);
         Tracing {
@@ -192,19 +128,14 @@ impl Tracing {
         }
     }
 
-    /// Exports what is queued and stops, waiting at most [`SHUTDOWN_TIMEOUT`].
+    /// Exports what is queued and stops, waiting at most [`neutrino_otel::SHUTDOWN_TIMEOUT`].
     pub async fn shutdown(&self) {
-        let provider = self.provider.clone();
-        let done = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT)).await;
-        if let Ok(Err(e)) = done {
-            tracing::warn!("traces: shutdown: {e}");
-        }
+        neutrino_otel::shutdown(&self.provider).await;
     }
 
     /// Exports what is queued now (tests).
     pub async fn flush(&self) {
-        let provider = self.provider.clone();
-        let _ = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+        neutrino_otel::flush(&self.provider).await;
     }
 
     /// The parent a request names (W3C first, else B3), and the B3 form the request
@@ -559,7 +490,7 @@ mod tests {
         let t = tracing(mem.clone(), counters.clone());
         let pod: Arc<str> = Arc::from("b-0");
         let started = std::time::Instant::now();
-        let n = DEFAULT_QUEUE + 500;
+        let n = neutrino_otel::DEFAULT_QUEUE + 500;
         for _ in 0..n {
             t.server_span(&Method::GET, "/", &HeaderMap::new(), None, &pod).end(StatusCode::OK, None);
         }

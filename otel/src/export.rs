@@ -1,5 +1,4 @@
-//! Trace export: what stands between an ended span and the OTLP collector, for
-//! `telemetry::trace`. A bounded count in front of the SDK's batch processor (a span that
+//! What stands between an ended span and the OTLP collector. A bounded count in front of the SDK's batch processor (a span that
 //! finds the queue full is dropped and counted, never waited for), and each export run
 //! on a runtime of its own under a deadline, its outcome counted. It must not block the
 //! thread that ends a span, nor run exports on the threads that serve requests.
@@ -13,7 +12,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{BatchSpanProcessor, SpanData, SpanExporter, SpanProcessor};
 
-use super::trace::Counters;
+use super::Counters;
 
 /// The processor in front of the SDK's batch processor: a span that ends when
 /// `queue` spans already wait for export is dropped and counted, never waited for.
