@@ -28,6 +28,7 @@ use neutrino_proto::TlsMode;
 use serde::{Deserialize, Serialize};
 
 use super::kube_translate::Problem;
+use super::mesh_policy::{FileRule, read_rules};
 use crate::model::{self, AllowRuleModel, MeshState};
 
 pub const GROUP: &str = "policy.neutrino.io";
@@ -80,7 +81,7 @@ struct Spec {
     #[serde(default)]
     tls: Option<Tls>,
     #[serde(default)]
-    allow: Vec<Rule>,
+    allow: Vec<FileRule>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -90,29 +91,10 @@ enum Tls {
     Strict,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Rule {
-    #[serde(default)]
-    from: Vec<String>,
-    #[serde(default)]
-    operations: Vec<String>,
-    #[serde(default)]
-    methods: Vec<String>,
-    #[serde(default)]
-    paths: Vec<String>,
-}
-
 /// Reads `spec`; errors name the field or rule.
 fn read(spec: &serde_json::Value) -> Result<(String, Option<Tls>, Vec<AllowRuleModel>), String> {
     let spec = Spec::deserialize(spec).map_err(|e| format!("spec: {e}"))?;
-    let mut rules = Vec::with_capacity(spec.allow.len());
-    for (i, r) in spec.allow.into_iter().enumerate() {
-        let mut rule = AllowRuleModel { from: r.from, operations: r.operations, methods: r.methods, paths: r.paths };
-        model::upper_methods(&mut rule);
-        model::check_rule(&rule).map_err(|e| format!("spec.allow[{i}].{e}"))?;
-        rules.push(rule);
-    }
+    let rules = read_rules(spec.allow, "spec.allow")?;
     Ok((spec.service, spec.tls, rules))
 }
 

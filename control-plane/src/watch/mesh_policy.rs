@@ -40,9 +40,10 @@ pub(super) struct FileServicePolicy {
     allow: Vec<FileRule>,
 }
 
+/// One allow rule, as the mesh file and the `AuthorizationPolicy` CRD both spell it.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileRule {
+pub(super) struct FileRule {
     #[serde(default)]
     from: Vec<String>,
     #[serde(default)]
@@ -102,14 +103,20 @@ pub(super) fn mesh_policy(p: FileMeshPolicy) -> Result<MeshPolicy, String> {
 /// A service's block; errors start with `policy.allow[<i>]`.
 pub(super) fn service_policy(p: Option<FileServicePolicy>) -> Result<ServicePolicy, String> {
     let Some(p) = p else { return Ok(ServicePolicy::default()) };
-    let mut allow = Vec::with_capacity(p.allow.len());
-    for (i, r) in p.allow.into_iter().enumerate() {
+    let allow = read_rules(p.allow, "policy.allow")?;
+    Ok(ServicePolicy { tls: p.tls.map(Into::into), allow, broken: None })
+}
+
+/// Checked rules, methods upper-cased; errors start with `<at>[<i>]`.
+pub(super) fn read_rules(rules: Vec<FileRule>, at: &str) -> Result<Vec<AllowRuleModel>, String> {
+    let mut allow = Vec::with_capacity(rules.len());
+    for (i, r) in rules.into_iter().enumerate() {
         let mut rule = AllowRuleModel { from: r.from, operations: r.operations, methods: r.methods, paths: r.paths };
         model::upper_methods(&mut rule);
-        model::check_rule(&rule).map_err(|e| format!("policy.allow[{i}].{e}"))?;
+        model::check_rule(&rule).map_err(|e| format!("{at}[{i}].{e}"))?;
         allow.push(rule);
     }
-    Ok(ServicePolicy { tls: p.tls.map(Into::into), allow, broken: None })
+    Ok(allow)
 }
 
 /// An endpoint's service account: its own `serviceAccount` (`""` opts it out of the

@@ -117,26 +117,26 @@ async fn to_app(
     parts.headers.remove(&LOAD);
     let cost = parts.headers.remove(&COST).as_ref().and_then(parse_cost).unwrap_or([0; DIMS]);
     let started = std::time::Instant::now();
-    // Counted on the operation of the service this pod serves, when config says which.
-    let stats = shared
-        .mesh
-        .load()
-        .service_of_pod(&shared.settings.pod)
-        .map(|svc| Arc::clone(&svc.routes.lookup(&parts.method, parts.uri.path()).stats));
+    // The service this pod serves and the request's operation, looked up once: where the
+    // request is counted, what its span says, and what policy decides on.
+    let (stats, denied) = {
+        let mesh = shared.mesh.load();
+        let route =
+            mesh.service_of_pod(&shared.settings.pod).map(|s| (&**s, s.routes.lookup(&parts.method, parts.uri.path())));
+        if let Some(t) = &shared.tracing {
+            let mut s = t.server_span(&parts.method, parts.uri.path(), &parts.headers, route, &shared.settings.pod);
+            s.set_peer(peer.as_ref());
+            *span = Some(s);
+        }
+        let stats = route.map(|(_, op)| Arc::clone(&op.stats));
+        (stats, route.and_then(|(svc, op)| authorize(shared, svc, op, &parts, peer.as_deref())))
+    };
     let count = |status: Option<u16>| {
         if let Some(s) = &stats {
             s.inbound.record(status, started.elapsed());
         }
     };
-    if let Some(t) = &shared.tracing {
-        let mesh = shared.mesh.load();
-        let route =
-            mesh.service_of_pod(&shared.settings.pod).map(|s| (&**s, s.routes.lookup(&parts.method, parts.uri.path())));
-        let mut s = t.server_span(&parts.method, parts.uri.path(), &parts.headers, route, &shared.settings.pod);
-        s.set_peer(peer.as_ref());
-        *span = Some(s);
-    }
-    if let Some(denied) = authorize(shared, &parts, peer.as_deref()) {
+    if let Some(denied) = denied {
         count(Some(denied.status().as_u16()));
         return denied;
     }
@@ -182,10 +182,13 @@ async fn to_app(
 }
 
 /// The 403 policy gives this request, if it denies it (counted and logged).
-fn authorize(shared: &Shared, parts: &http::request::Parts, peer: Option<&str>) -> Option<Response<ProxyBody>> {
-    let mesh = shared.mesh.load();
-    let svc = mesh.service_of_pod(&shared.settings.pod)?;
-    let op = svc.routes.lookup(&parts.method, parts.uri.path());
+fn authorize(
+    shared: &Shared,
+    svc: &crate::route::ServiceEntry,
+    op: &crate::route::Operation,
+    parts: &http::request::Parts,
+    peer: Option<&str>,
+) -> Option<Response<ProxyBody>> {
     let op_id = (!op.operation_id.is_empty()).then_some(&*op.operation_id);
     match svc.policy.authorize(peer, Some((&parts.method, parts.uri.path(), op_id))) {
         crate::route::Decision::Allow => None,
