@@ -24,6 +24,9 @@ use x509_parser::prelude::*;
 
 /// Leaves start this long before `now`, for peers whose clocks are a little behind.
 pub const BACKDATE_SECS: i64 = 60;
+/// The shortest life of the control plane's own serving certificate (renewed at 70 %,
+/// and after every CA change).
+pub const SERVING_MIN_TTL: Duration = Duration::from_secs(3600);
 /// The default leaf lifetime (`--cert-ttl`).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Lifetimes of a generated local CA (`--ca-dir`): the anchor and the issuer it signs.
@@ -309,6 +312,11 @@ impl Ca {
     /// The validity window of a leaf signed at `now`: backdated a minute, `ttl` long,
     /// never past the issuer's own end.
     fn window(&self, now: i64) -> Result<(i64, i64), CertifyError> {
+        self.window_for(now, self.ttl)
+    }
+
+    /// The validity of a certificate issued at `now` for `ttl`, capped at the issuer's end.
+    fn window_for(&self, now: i64, ttl: Duration) -> Result<(i64, i64), CertifyError> {
         let end = self.issuer_not_after();
         if now >= end {
             return Err(CertifyError::Unavailable(format!(
@@ -316,7 +324,7 @@ impl Ca {
                 self.issuer().subject
             )));
         }
-        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2);
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
         Ok((now - BACKDATE_SECS, now.saturating_add(ttl).min(end)))
     }
 
@@ -358,7 +366,9 @@ impl Ca {
     /// plus `names` (IP literals become IP SANs, the rest DNS names).
     pub fn issue_server(&self, id: &SpiffeId, names: &[String], now: i64) -> Result<ServerCert, CaError> {
         let sign = |e: String| CaError::Sign(e);
-        let window = self.window(now).map_err(|e| sign(e.to_string()))?;
+        // Not the proxies' `--cert-ttl`: a very short one (seconds, in tests) would let the
+        // serving certificate lapse between two runs of the CA task, cutting every proxy off.
+        let window = self.window_for(now, self.ttl.max(SERVING_MIN_TTL)).map_err(|e| sign(e.to_string()))?;
         let mut sans =
             vec![SanType::URI(rcgen::string::Ia5String::try_from(id.to_string()).map_err(|e| sign(e.to_string()))?)];
         for name in names {

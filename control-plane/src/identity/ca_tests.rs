@@ -240,3 +240,17 @@ fn the_serving_certificate_has_the_control_planes_id_and_its_names() {
     );
     assert_eq!(cert.chain_der.len(), 2);
 }
+
+#[test]
+fn the_serving_certificate_outlives_very_short_leaf_ttls() {
+    // With `--cert-ttl 3s` the serving certificate used to live 3 s too, and lapsed between
+    // two runs of the CA task: every proxy was cut off from the control plane.
+    let m = material();
+    let ca = Ca::load(&m, Duration::from_secs(3), NOW).expect("ca");
+    let own = id("neutrino-system", "neutrino-control-plane");
+    let cert = ca.issue_server(&own, &["localhost".to_string()], NOW).expect("serving cert");
+    assert_eq!(cert.not_after_unix - NOW, SERVING_MIN_TTL.as_secs() as i64);
+    let web = id("shop", "web");
+    let leaf = ca.certify(&csr(&web), &web, NOW).expect("leaf");
+    assert_eq!(leaf.not_after_unix - NOW, 3, "proxies' leaves keep --cert-ttl");
+}
