@@ -119,21 +119,19 @@ enum Command {
         timeout_secs: u64,
     },
     /// Per service and operation: requests per second, success rate, p50/p99 latency;
-    /// per endpoint: utilization and capacity. From the proxies' /metrics, measured over
-    /// a window.
+    /// per endpoint: utilization and capacity. From the proxies' /metrics (given with
+    /// --proxy, or every meshed pod of a cluster with -n/-A), measured over a window.
     Stat {
-        /// Admin addresses of the proxies to read (repeat or comma-separate); the demo's
-        /// client sidecar by default.
-        #[arg(long = "proxy", value_delimiter = ',', default_value = "127.0.0.1:15020")]
-        proxies: Vec<String>,
+        #[command(flatten)]
+        targets: TargetArgs,
         /// How long to measure, in seconds.
         #[arg(long, default_value_t = 2.0)]
         window_secs: f64,
     },
     /// The busiest routes, live: `stat` refreshed in the terminal until Ctrl-C.
     Top {
-        #[arg(long = "proxy", value_delimiter = ',', default_value = "127.0.0.1:15020")]
-        proxies: Vec<String>,
+        #[command(flatten)]
+        targets: TargetArgs,
         /// Refresh every this many milliseconds.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
@@ -152,15 +150,48 @@ enum Command {
     },
 }
 
+/// Which proxies `stat` and `top` read: by admin address, or a cluster's meshed pods.
+#[derive(Debug, clap::Args)]
+struct TargetArgs {
+    /// Admin addresses of the proxies to read (repeat or comma-separate); the demo's
+    /// client sidecar when no cluster scope (-n, -A) is given.
+    #[arg(long = "proxy", value_delimiter = ',', conflicts_with_all = ["namespace", "all_namespaces"])]
+    proxies: Vec<String>,
+    /// Read every meshed pod of this namespace, through the API server (KUBECONFIG).
+    #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
+    namespace: Option<String>,
+    /// Read every meshed pod of the cluster, through the API server (KUBECONFIG).
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    /// Only pods matching this label selector (with -n or -A), e.g. app=web.
+    #[arg(short = 'l', long)]
+    selector: Option<String>,
+}
+
+impl TargetArgs {
+    async fn resolve(self) -> anyhow::Result<stat::Targets> {
+        if self.namespace.is_some() || self.all_namespaces {
+            return Ok(stat::Targets::cluster(self.namespace, self.selector).await?);
+        }
+        if self.selector.is_some() {
+            anyhow::bail!("--selector reads pods of a cluster: add -n NAMESPACE or -A");
+        }
+        let proxies = if self.proxies.is_empty() { vec!["127.0.0.1:15020".to_string()] } else { self.proxies };
+        Ok(stat::Targets::Direct(proxies))
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo { mesh_file, keep_running, requests } => demo::run(&mesh_file, keep_running, requests).await,
-        Command::Stat { proxies, window_secs } => {
-            stat::stat(&proxies, std::time::Duration::from_secs_f64(window_secs.clamp(0.1, 3600.0))).await
+        Command::Stat { targets, window_secs } => {
+            let targets = targets.resolve().await?;
+            stat::stat(&targets, std::time::Duration::from_secs_f64(window_secs.clamp(0.1, 3600.0))).await
         }
-        Command::Top { proxies, interval_ms, limit, iterations } => {
-            stat::top(&proxies, std::time::Duration::from_millis(interval_ms.max(100)), limit, iterations).await
+        Command::Top { targets, interval_ms, limit, iterations } => {
+            let targets = targets.resolve().await?;
+            stat::top(&targets, std::time::Duration::from_millis(interval_ms.max(100)), limit, iterations).await
         }
         Command::Logs { redis_url, stream, service, operation, status, count, follow } => {
             let filter = logs::Filter { service, operation, status };

@@ -1,8 +1,9 @@
 //! `neutrino stat` and `neutrino top`: live views of the mesh's traffic from the proxies'
 //! Prometheus metrics.
 //!
-//! Each view scrapes the proxies' `/metrics` twice (or every interval, for `top`), and
-//! the difference gives per service and operation the rate, success rate (not 5xx and
+//! Each view scrapes the proxies' `/metrics` twice (or every interval, for `top`): given
+//! by address, or every meshed pod of a cluster through the API server (`scrape.rs`).
+//! The difference, over the proxies seen both times, gives per service and operation the rate, success rate (not 5xx and
 //! not failed) and p50/p99 latency (interpolated in the histogram's buckets), plus each
 //! endpoint's utilization and capacity as the proxies estimate them. Outbound counts are
 //! used: every request is counted once, at its caller's proxy. The arithmetic is pure
@@ -11,8 +12,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use prometheus_parse::{Sample, Scrape, Value};
+use anyhow::Result;
+use prometheus_parse::{Sample, Value};
+
+pub mod scrape;
+
+pub use scrape::{Scrapes, Targets};
 
 /// Counters of one (service, operation), summed over proxies.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -60,9 +65,9 @@ fn label<'a>(s: &'a Sample, k: &str) -> &'a str {
 }
 
 /// Outbound counters by (service, operation), summed over all scrapes.
-pub fn counts(scrapes: &[Vec<Sample>]) -> BTreeMap<(String, String), OpCounts> {
+pub fn counts<'a>(scrapes: impl IntoIterator<Item = &'a Vec<Sample>>) -> BTreeMap<(String, String), OpCounts> {
     let mut out: BTreeMap<(String, String), OpCounts> = BTreeMap::new();
-    for s in scrapes.iter().flatten() {
+    for s in scrapes.into_iter().flatten() {
         if label(s, "direction") != "outbound" {
             continue;
         }
@@ -145,9 +150,9 @@ pub fn table(
 }
 
 /// The endpoints table: the highest utilization estimate among proxies, and capacity.
-pub fn endpoints(scrapes: &[Vec<Sample>]) -> Vec<EndpointRow> {
+pub fn endpoints<'a>(scrapes: impl IntoIterator<Item = &'a Vec<Sample>>) -> Vec<EndpointRow> {
     let mut rows: BTreeMap<(String, String), EndpointRow> = BTreeMap::new();
-    for s in scrapes.iter().flatten() {
+    for s in scrapes.into_iter().flatten() {
         let key = (label(s, "service").to_string(), label(s, "endpoint").to_string());
         let Some(v) = number(&s.value) else { continue };
         let row = || EndpointRow {
@@ -175,32 +180,6 @@ pub fn endpoints(scrapes: &[Vec<Sample>]) -> Vec<EndpointRow> {
         }
     }
     rows.into_values().collect()
-}
-
-/// Reads one proxy's `/metrics` (admin address host:port).
-pub async fn scrape(admin: &str) -> Result<Vec<Sample>> {
-    let url = format!("http://{admin}/metrics");
-    let text = reqwest::Client::new()
-        .get(&url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .with_context(|| format!("scraping {url}; is a proxy's admin port there (see --proxy)?"))?
-        .text()
-        .await
-        .with_context(|| format!("reading {url}"))?;
-    let parsed = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .with_context(|| format!("{url} is not Prometheus text exposition"))?;
-    Ok(parsed.samples)
-}
-
-async fn scrape_all(proxies: &[String]) -> Result<Vec<Vec<Sample>>> {
-    let mut out = Vec::with_capacity(proxies.len());
-    for p in proxies {
-        out.push(scrape(p).await?);
-    }
-    Ok(out)
 }
 
 fn fmt_ms(v: Option<f64>) -> String {
@@ -243,30 +222,57 @@ pub fn render(ops: &[OpRow], eps: &[EndpointRow], limit: usize) -> String {
     out
 }
 
+/// The counters of the proxies present in both scrapes, before and after: a proxy that
+/// appeared or vanished between them (a pod started or gone, a scrape that failed) would
+/// otherwise count its whole history as one window's traffic, or as a drop.
+pub fn paired(before: &Scrapes, after: &Scrapes) -> (Counts, Counts) {
+    let both = |a: &'_ Scrapes, b: &Scrapes| counts(a.iter().filter(|(k, _)| b.contains_key(*k)).map(|(_, v)| v));
+    (both(before, after), both(after, before))
+}
+
+/// Counters by (service, operation).
+pub type Counts = BTreeMap<(String, String), OpCounts>;
+
+async fn round(targets: &Targets) -> Result<Scrapes> {
+    let round = scrape::round(targets).await?;
+    for skipped in &round.skipped {
+        eprintln!("skipped {skipped}");
+    }
+    if matches!(targets, Targets::Cluster { .. }) && round.scrapes.is_empty() {
+        eprintln!(
+            "no meshed pod answered ({} found); check the namespace (-n, -A) and that pods carry the neutrino-proxy \
+             container",
+            round.pods
+        );
+    }
+    Ok(round.scrapes)
+}
+
 /// `neutrino stat`: two scrapes `window` apart, one report.
-pub async fn stat(proxies: &[String], window: Duration) -> Result<()> {
-    let before = counts(&scrape_all(proxies).await?);
+pub async fn stat(targets: &Targets, window: Duration) -> Result<()> {
+    let before = round(targets).await?;
     tokio::time::sleep(window).await;
-    let now = scrape_all(proxies).await?;
-    let ops = table(&before, &counts(&now), window.as_secs_f64());
-    print!("{}", render(&ops, &endpoints(&now), usize::MAX));
+    let now = round(targets).await?;
+    let (then, after) = paired(&before, &now);
+    let ops = table(&then, &after, window.as_secs_f64());
+    print!("{}", render(&ops, &endpoints(now.values()), usize::MAX));
     Ok(())
 }
 
 /// `neutrino top`: the busiest routes, refreshed every `interval` (until Ctrl-C, or
 /// `iterations` times).
-pub async fn top(proxies: &[String], interval: Duration, limit: usize, iterations: Option<u64>) -> Result<()> {
-    let mut before = counts(&scrape_all(proxies).await?);
+pub async fn top(targets: &Targets, interval: Duration, limit: usize, iterations: Option<u64>) -> Result<()> {
+    let mut before = round(targets).await?;
     let mut n = 0u64;
     loop {
         tokio::time::sleep(interval).await;
-        let now = scrape_all(proxies).await?;
-        let after = counts(&now);
-        let mut ops = table(&before, &after, interval.as_secs_f64());
+        let now = round(targets).await?;
+        let (then, after) = paired(&before, &now);
+        let mut ops = table(&then, &after, interval.as_secs_f64());
         ops.sort_by(|a, b| b.rps.total_cmp(&a.rps));
         // Clear the screen and home the cursor, then redraw.
-        print!("\x1b[2J\x1b[H{}", render(&ops, &endpoints(&now), limit));
-        before = after;
+        print!("\x1b[2J\x1b[H{}", render(&ops, &endpoints(now.values()), limit));
+        before = now;
         n += 1;
         if iterations.is_some_and(|max| n >= max) {
             return Ok(());
@@ -277,6 +283,7 @@ pub async fn top(proxies: &[String], interval: Duration, limit: usize, iteration
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_parse::Scrape;
 
     fn parse(text: &str) -> Vec<Sample> {
         Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid").samples
@@ -339,5 +346,18 @@ neutrino_proxy_endpoint_capacity{service=\"shop/orders\",endpoint=\"10.0.0.1:80\
         let after = parse(AFTER);
         let text = render(&table(&before, &counts(std::slice::from_ref(&after)), 10.0), &endpoints(&[after]), 10);
         assert!(text.contains("shop/orders") && text.contains("90.0%") && text.contains("o-1"), "{text}");
+    }
+
+    #[test]
+    fn only_proxies_seen_in_both_scrapes_count() {
+        let before: Scrapes = [("a".to_string(), parse(BEFORE))].into();
+        // "b" appeared with 110 requests of history: not this window's traffic.
+        let after: Scrapes = [("a".to_string(), parse(AFTER)), ("b".to_string(), parse(AFTER))].into();
+        let (then, now) = paired(&before, &after);
+        let rows = table(&then, &now, 10.0);
+        assert_eq!(rows[0].requests, 100.0, "{rows:?}");
+        // "a" gone (a failed scrape): nothing to compare, no negative or bogus rate.
+        let (then, now) = paired(&after, &[("b".to_string(), parse(AFTER))].into());
+        assert!(table(&then, &now, 10.0).iter().all(|r| r.requests == 0.0));
     }
 }

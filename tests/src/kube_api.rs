@@ -55,6 +55,11 @@ struct State {
     bookmark_params: usize,
     /// A slow API server: ConfigMap lists answer after this long.
     configmap_list_delay: Duration,
+    /// The pod proxy: "<namespace>/<pod>:<port>" -> the address it forwards to
+    /// (see [`FakeApi::proxy_pod`]).
+    pod_proxies: HashMap<String, std::net::SocketAddr>,
+    /// Paths requested through the pod proxy, in order.
+    pod_proxy_calls: Vec<String>,
     /// TokenReview answers: token -> `status` (see [`FakeApi::review_token`]).
     token_reviews: HashMap<String, Value>,
     /// The `spec` of every TokenReview received, in order.
@@ -200,6 +205,9 @@ impl FakeApi {
                             if req.method() == hyper::Method::POST && req.uri().path() == TOKEN_REVIEWS {
                                 return Ok::<_, Infallible>(api.token_review(req).await);
                             }
+                            if req.uri().path().contains("/proxy/") {
+                                return Ok::<_, Infallible>(api.pod_proxy(req.uri().path()).await);
+                            }
                             let delay = api.state().configmap_list_delay;
                             let q = req.uri().query().unwrap_or("");
                             if req.uri().path().ends_with("/configmaps") && !q.contains("watch=") {
@@ -322,6 +330,42 @@ fn status(code: u16, reason: &str, message: &str) -> Response<BoxBody<Bytes, std
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": message, "reason": reason, "code": code}),
     )
+}
+
+impl FakeApi {
+    /// Serves `GET /api/v1/namespaces/NS/pods/POD:PORT/proxy/PATH` by fetching `PATH`
+    /// from `to`, as the API server's pod proxy does from the pod's IP.
+    pub fn proxy_pod(&self, namespace: &str, pod: &str, port: u16, to: std::net::SocketAddr) {
+        self.state().pod_proxies.insert(format!("{namespace}/{pod}:{port}"), to);
+    }
+
+    /// The paths requested through the pod proxy, in order.
+    pub fn pod_proxy_calls(&self) -> Vec<String> {
+        self.state().pod_proxy_calls.clone()
+    }
+
+    async fn pod_proxy(&self, path: &str) -> Response<BoxBody<Bytes, std::io::Error>> {
+        self.state().pod_proxy_calls.push(path.to_string());
+        let segments: Vec<&str> = path.trim_start_matches('/').splitn(7, '/').collect();
+        let ["api", "v1", "namespaces", ns, "pods", pod_port, rest] = segments.as_slice() else {
+            return status(404, "NotFound", &format!("no route {path}"));
+        };
+        let Some(rest) = rest.strip_prefix("proxy") else {
+            return status(404, "NotFound", &format!("no route {path}"));
+        };
+        let Some(to) = self.state().pod_proxies.get(&format!("{ns}/{pod_port}")).copied() else {
+            return status(404, "NotFound", &format!("pods \"{pod_port}\" not found"));
+        };
+        // What the API server answers when the pod does not: 503 with a Status.
+        match reqwest::get(format!("http://{to}{rest}")).await {
+            Ok(r) => {
+                let code = r.status().as_u16();
+                let body = Full::new(r.bytes().await.unwrap_or_default()).map_err(|never: Infallible| match never {});
+                Response::builder().status(code).body(BoxBody::new(body)).unwrap()
+            }
+            Err(e) => status(503, "ServiceUnavailable", &format!("error trying to reach service: {e}")),
+        }
+    }
 }
 
 /// Where kube clients POST TokenReviews.

@@ -210,3 +210,105 @@ async fn stat_and_top_show_the_live_traffic() {
         assert!(out.contains("web-0"), "the endpoint table lists the pod:\n{out}");
     }
 }
+
+fn meshed_pod(ns: &str, name: &str, with_proxy: bool) -> serde_json::Value {
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": ns, "name": name, "annotations": {"neutrino.io/injected": "0.1.0"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    });
+    if with_proxy {
+        pod["spec"]["initContainers"] = serde_json::json!([{"name": "neutrino-proxy", "image": "neutrino/proxy:0.1.0",
+            "restartPolicy": "Always", "ports": [{"name": "neutrino-admin", "containerPort": 15020}]}]);
+    } else {
+        pod["metadata"]["annotations"] = serde_json::json!({});
+    }
+    pod
+}
+
+/// `neutrino stat -n NS` and `neutrino top -A` against a cluster: the meshed pods are
+/// listed and read through the API server's pod proxy (a local server speaking the
+/// Kubernetes API with real Pod JSON, forwarding to a live proxy's admin port); pods
+/// without the proxy and of other namespaces are not read, and a pod that does not
+/// answer is skipped with a warning instead of failing the view.
+#[tokio::test]
+async fn stat_and_top_read_a_clusters_meshed_pods_through_the_api_server() {
+    let app = Backend::start("web-0").await;
+    let mesh = WebMesh::new(SPEC, &[(app.port, "web-0")]);
+    let cp = ControlPlane::start(&mesh.path(), &[]);
+    let caller = Proxy::start(cp.grpc);
+    caller.wait_ready().await;
+    let api = kube_api::FakeApi::default();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", caller.admin).parse().unwrap();
+    api.apply("pods", meshed_pod("default", "caller-0", true));
+    api.proxy_pod("default", "caller-0", 15020, admin);
+    api.apply("pods", meshed_pod("default", "gone-0", true));
+    api.apply("pods", meshed_pod("default", "plain-0", false));
+    api.apply("pods", meshed_pod("other", "caller-1", true));
+    api.proxy_pod("other", "caller-1", 15020, admin);
+    let api_port = api.clone().serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{api_port}\n\
+             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+
+    let port = caller.outbound;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(curl(port, &["http://web.default/items/1"]), 200);
+            }
+        })
+    };
+    let run = |args: Vec<&'static str>| {
+        let kubeconfig = kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(bin("neutrino"))
+                .args(&args)
+                .env("KUBECONFIG", &kubeconfig)
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "neutrino {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        })
+    };
+    let (stat, stat_err) = run(vec!["stat", "-n", "default", "--window-secs", "1"]).await.unwrap();
+    let calls_in_default = api.pod_proxy_calls();
+    let (top, _) = run(vec!["top", "-A", "--interval-ms", "500", "--iterations", "1"]).await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || traffic.join().unwrap()).await.unwrap();
+
+    for out in [&stat, &top] {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with("default/web") && l.contains("getItem"))
+            .unwrap_or_else(|| panic!("no getItem row in:\n{out}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert!(cols[2].parse::<f64>().unwrap() > 0.0, "{row}");
+        assert_eq!(cols[3], "100.0%", "{row}");
+        assert!(out.contains("web-0"), "the endpoint table lists the pod:\n{out}");
+    }
+    assert!(stat_err.contains("skipped default/gone-0"), "the silent pod is reported:\n{stat_err}");
+    let count = |calls: &[String], pod: &str| calls.iter().filter(|c| c.contains(pod)).count();
+    let metrics = "/api/v1/namespaces/default/pods/caller-0:15020/proxy/metrics";
+    assert_eq!(count(&calls_in_default, metrics), 2, "two scrapes of the meshed pod: {calls_in_default:?}");
+    assert_eq!(count(&calls_in_default, "plain-0"), 0, "a pod without the proxy is not read");
+    assert_eq!(count(&calls_in_default, "caller-1"), 0, "-n default reads no other namespace");
+    let all = api.pod_proxy_calls();
+    assert_eq!(
+        count(&all, "/api/v1/namespaces/other/pods/caller-1:15020/proxy/metrics"),
+        2,
+        "-A reads every namespace"
+    );
+}
