@@ -60,6 +60,42 @@ def counters(admin: int) -> dict[str, float]:
     return out
 
 
+def cpu_cell(c: dict[str, float]) -> str:
+    return f"{c['requests']:.1f} / {c['batching']:.1f} / {c['export']:.1f}"
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each of a process's threads, summed by thread name
+    (tokio's request workers, the span batching thread, the OTLP export runtime)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended between the listing and the read
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def group(name: str) -> str:
+    if name.startswith("OpenTelemetry"):
+        return "batching"
+    if name.startswith("otlp-export"):
+        return "export"
+    return "requests"
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: float) -> dict[str, float]:
+    """µs of CPU per request by thread group, from two `thread_cpu` readings."""
+    out = {"requests": 0.0, "batching": 0.0, "export": 0.0}
+    for name, secs in after.items():
+        out[group(name)] += secs - before.get(name, 0.0)
+    return {k: v * 1e6 / max(requests, 1.0) for k, v in out.items()}
+
+
 def start_redis(procs: Procs, tmp: Path) -> subprocess.Popen:
     p = procs.start("redis", ["redis-server", "--port", str(P["redis"]), "--bind", LO, "--save", "",
                               "--appendonly", "no"], tmp)
@@ -116,7 +152,7 @@ def main() -> int:
         hang.bind((LO, P["otlp_hang"]))
         hang.listen(1024)
         # A working collector (otlp_sink.py: accepts every export), for the baseline of tracing on.
-        procs.start("otlp-sink", [sys.executable, str(Path(__file__).resolve().parent / "otlp_sink.py"),
+        otlp_sink = procs.start("otlp-sink", [sys.executable, str(Path(__file__).resolve().parent / "otlp_sink.py"),
                                   "--port", str(P["otlp_up"])], tmp)
         wait_tcp("the OTLP sink", P["otlp_up"], procs)
         env = {"TOKIO_WORKER_THREADS": a.workers} if a.workers else {}
@@ -149,15 +185,22 @@ def main() -> int:
             admin = P[t.key + "_admin"]
             done, lost = (f"{sink}_written", f"{sink}_dropped") if sink == "request_log" else \
                 (f"{sink}_exported", f"{sink}_dropped")
-            before = counters(admin)
+            before, cpu0, sink0 = counters(admin), thread_cpu(t.pids[0]), sum(thread_cpu(otlp_sink.pid).values())
             r = oha(t, rate, D, 64)
-            after = counters(admin)
+            after, cpu1, sink1 = counters(admin), thread_cpu(t.pids[0]), sum(thread_cpu(otlp_sink.pid).values())
+            ref0 = thread_cpu(ref.pids[0])
             base = oha(ref, rate, D, 64)
+            ref1 = thread_cpu(ref.pids[0])
+            r["cpu"] = cpu_per_request(cpu0, cpu1, r["ok"] + r["bad"])
+            r["cpu"]["sink"] = (sink1 - sink0) * 1e6 / max(r["ok"] + r["bad"], 1)
+            base["cpu"] = cpu_per_request(ref0, ref1, base["ok"] + base["bad"])
             r["written"] = after.get(done, 0) - before.get(done, 0)
             r["dropped"] = after.get(lost, 0) - before.get(lost, 0)
             rows.append((name, r, base))
             log(f"  {name}: p50 {r['p50']:.0f} µs, p99 {r['p99']:.0f} µs, p99.9 {r['p99.9']:.0f} µs, errors {r['bad']}, "
-                f"sink written {r['written']:.0f}, dropped {r['dropped']:.0f} (reference p99 {base['p99']:.0f} µs)")
+                f"sink written {r['written']:.0f}, dropped {r['dropped']:.0f} (reference p99 {base['p99']:.0f} µs); "
+                f"CPU µs/request {cpu_cell(r['cpu'])} (reference {base['cpu']['requests']:.1f}); "
+                f"the OTLP sink's CPU µs/request {r['cpu']['sink']:.1f}")
 
         log("phase 1: Redis up")
         phase("Redis up")
@@ -197,11 +240,15 @@ def main() -> int:
              "Phases 1-4: the proxy writing one record per request to Redis; phases 5-7: proxies exporting one span "
              "per request over OTLP to a working collector, one that is down, one that hangs. The reference proxy has no telemetry. Each "
              "phase measures the telemetry proxy and the reference at the same rate, one after the other.", "",
+             "CPU µs per request: the proxy's CPU time (from /proc, per thread) over the requests of the phase, split "
+             "into the threads serving requests / the span batching thread / the OTLP export runtime.", "",
              "| phase | p50 µs | p99 µs | p99.9 µs | p99 vs Redis up | errors | records/spans sent | dropped "
-             "| reference p50 / p99 µs |", "|---|---|---|---|---|---|---|---|---|"]
+             "| CPU µs/request | reference p50 / p99 µs | reference CPU µs/request |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r, base in rows:
             L.append(f"| {name} | {r['p50']:.0f} | {r['p99']:.0f} | {r['p99.9']:.0f} | {r['p99'] / up['p99']:.2f}x | "
-                     f"{r['bad']} | {r['written']:.0f} | {r['dropped']:.0f} | {base['p50']:.0f} / {base['p99']:.0f} |")
+                     f"{r['bad']} | {r['written']:.0f} | {r['dropped']:.0f} | {cpu_cell(r['cpu'])} | "
+                     f"{base['p50']:.0f} / {base['p99']:.0f} | {base['cpu']['requests']:.1f} |")
         md = "\n".join(L) + "\n"
         out.write_text(md)
         print(md)
