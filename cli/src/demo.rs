@@ -2,15 +2,71 @@
 //! backends of different sizes each with its sidecar proxy, and a client sidecar, all
 //! on loopback (no iptables needed: the client uses its sidecar as an explicit HTTP
 //! proxy, and each backend sidecar forwards inbound traffic to its app). Then it sends
-//! a mixed workload and reports where each kind of work went.
+//! a mixed workload and reports where each kind of work went, then shows the trace of
+//! one heavy request (`traces`: a built-in OTLP/gRPC receiver, or `--otlp-endpoint`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{show, workload};
+use crate::traces::receive::Receiver;
+use crate::{show, traces, workload};
+
+/// `neutrino demo`'s flags.
+#[derive(Debug)]
+pub struct Options {
+    pub mesh_file: PathBuf,
+    pub keep_running: bool,
+    pub requests: usize,
+    /// Send traces to this collector; None: the demo's own receiver.
+    pub otlp_endpoint: Option<String>,
+    /// Where the received traces are written (Jaeger JSON).
+    pub trace_file: PathBuf,
+}
+
+/// Where the processes' spans go.
+enum Traces {
+    /// The demo's own receiver.
+    Received(Receiver),
+    /// A collector the user runs (`--otlp-endpoint`).
+    Sent(String),
+    /// Nowhere: the receiver could not start (a warning was printed).
+    Off,
+}
+
+impl Traces {
+    async fn start(endpoint: Option<String>) -> Traces {
+        if let Some(e) = endpoint.filter(|e| !e.trim().is_empty()) {
+            return Traces::Sent(e);
+        }
+        match Receiver::start().await {
+            Ok(r) => Traces::Received(r),
+            Err(e) => {
+                println!("warning: {e}; the demo runs without traces");
+                Traces::Off
+            }
+        }
+    }
+
+    /// The environment of every process the demo starts.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Traces::Received(r) => traces::exporter_env(&r.endpoint()).into(),
+            Traces::Sent(e) => traces::exporter_env(e).into(),
+            Traces::Off => vec![],
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Traces::Received(r) => format!(", traces to the demo's receiver at {}", r.endpoint()),
+            Traces::Sent(e) => format!(", traces to {e}"),
+            Traces::Off => String::new(),
+        }
+    }
+}
 
 /// A backend of examples/mesh.yaml: its app port, and its sidecar's inbound port (the
 /// endpoint address in the mesh file), admin port and outbound port.
@@ -47,9 +103,16 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn start(name: &str, binary: &str, args: &[&str]) -> anyhow::Result<Running> {
-    let child = Command::new(sibling(binary)?)
+fn start(name: &str, binary: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Running> {
+    let mut command = Command::new(sibling(binary)?);
+    if !env.is_empty() {
+        for var in traces::CLEARED_ENV {
+            command.env_remove(var);
+        }
+    }
+    let child = command
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("NEUTRINO_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -81,7 +144,8 @@ async fn wait_ready(what: &str, url: &str, procs: &mut [Running]) -> anyhow::Res
     }
 }
 
-pub async fn run(mesh_file: &Path, keep_running: bool, requests: usize) -> anyhow::Result<()> {
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let Options { mesh_file, keep_running, requests, otlp_endpoint, trace_file } = opts;
     let mesh = mesh_file.to_str().context("mesh file path is not UTF-8")?;
     if !mesh_file.exists() {
         bail!("mesh file {mesh} not found; run from the repository root or pass --mesh-file");
@@ -96,8 +160,11 @@ pub async fn run(mesh_file: &Path, keep_running: bool, requests: usize) -> anyho
     std::fs::write(path("token-client"), "demo-client-token\n").context("writing a demo token")?;
     let (ca_dir, tokens, anchors) = (path("ca"), path("tokens"), path("ca/anchors.pem"));
     let mut procs = Vec::new();
+    let sink = Traces::start(otlp_endpoint).await;
+    let env = sink.env();
     println!(
-        "[1/4] control plane on {mesh} (gRPC 127.0.0.1:15010, TLS 127.0.0.1:15012, admin 127.0.0.1:15014), with a CA in {ca_dir}"
+        "[1/4] control plane on {mesh} (gRPC 127.0.0.1:15010, TLS 127.0.0.1:15012, admin 127.0.0.1:15014), with a CA in {ca_dir}{}",
+        sink.describe()
     );
     procs.push(start(
         "neutrino-control-plane",
@@ -116,6 +183,7 @@ pub async fn run(mesh_file: &Path, keep_running: bool, requests: usize) -> anyho
             "--bootstrap-tokens",
             &tokens,
         ],
+        &env,
     )?);
     wait_ready("the control plane", "http://127.0.0.1:15014/ready", &mut procs).await?;
     let (orders_token, client_token) = (path("token-orders"), path("token-client"));
@@ -130,7 +198,7 @@ pub async fn run(mesh_file: &Path, keep_running: bool, requests: usize) -> anyho
     println!("[2/4] three backends (sample app + sidecar each): small 1 CPU, medium 2 CPU, large 4 CPU + 1 GPU");
     for b in &BACKENDS {
         let app = format!("127.0.0.1:{}", b.app);
-        procs.push(start(b.name, "neutrino-sample-app", &["serve", "--http", &app, "--name", b.name])?);
+        procs.push(start(b.name, "neutrino-sample-app", &["serve", "--http", &app, "--name", b.name], &[])?);
         let (admin, inbound, outbound) =
             (format!("127.0.0.1:{}", b.admin), format!("127.0.0.1:{}", b.inbound), format!("127.0.0.1:{}", b.outbound));
         let id = identity("orders");
@@ -149,7 +217,7 @@ pub async fn run(mesh_file: &Path, keep_running: bool, requests: usize) -> anyho
             "--namespace",
             "shop",
         ]);
-        procs.push(start(&format!("{} sidecar", b.name), "neutrino-proxy", &args)?);
+        procs.push(start(&format!("{} sidecar", b.name), "neutrino-proxy", &args, &env)?);
     }
     println!("[3/4] the client's sidecar (outbound 127.0.0.1:15001, admin 127.0.0.1:15020), identity shop/client");
     let id = identity("client");
@@ -168,7 +236,7 @@ pub async fn run(mesh_file: &Path, keep_running: bool, requests: usize) -> anyho
         "--queue-timeout-ms",
         "2000",
     ]);
-    procs.push(start("client sidecar", "neutrino-proxy", &args)?);
+    procs.push(start("client sidecar", "neutrino-proxy", &args, &env)?);
     for b in &BACKENDS {
         wait_ready(b.name, &format!("http://127.0.0.1:{}/ready", b.admin), &mut procs).await?;
     }
@@ -180,11 +248,25 @@ pub async fn run(mesh_file: &Path, keep_running: bool, requests: usize) -> anyho
     let report = workload::run(&dump, "http://127.0.0.1:15001", requests).await?;
     print!("{report}");
     print!("{}", mtls_summary().await);
+    let admins: Vec<u16> = BACKENDS.iter().map(|b| b.admin).chain([15020]).collect();
+    match &sink {
+        Traces::Received(receiver) => print!("{}", traces::summary(receiver, &trace_file).await),
+        Traces::Sent(endpoint) => print!("{}", traces::external_summary(endpoint, &admins).await),
+        Traces::Off => {}
+    }
     if keep_running {
         println!(
             "\nthe mesh is still running; try:\n  curl -x http://127.0.0.1:15001 http://orders.shop/orders/1\n  neutrino config\nCtrl-C to stop."
         );
         tokio::signal::ctrl_c().await?;
+        if let Traces::Received(receiver) = &sink {
+            // The traces of what was sent meanwhile too.
+            let export = traces::jaeger::convert(&receiver.batches());
+            match traces::jaeger::write(&trace_file, &export) {
+                Ok(()) => println!("all {} traces written to {}", export.data.len(), trace_file.display()),
+                Err(e) => println!("warning: {e}"),
+            }
+        }
     }
     Ok(())
 }

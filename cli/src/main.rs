@@ -8,6 +8,7 @@ mod install;
 mod logs;
 mod show;
 mod stat;
+mod traces;
 mod workload;
 
 use std::path::PathBuf;
@@ -23,8 +24,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the local demo mesh: a control plane and a proxy on a mesh file, and print
-    /// what the proxy received.
+    /// Run the local demo mesh: a control plane, three backends with their sidecars and a
+    /// client's sidecar on a mesh file; send a mixed workload, report where it went, and
+    /// show the trace of one heavy request.
     Demo {
         /// The mesh file (format: docs/mesh-file.md).
         #[arg(long, default_value = "examples/mesh.yaml")]
@@ -35,6 +37,14 @@ enum Command {
         /// How many requests the demo client sends.
         #[arg(long, default_value_t = 800)]
         requests: usize,
+        /// Send every trace to this OTLP/gRPC collector (a Jaeger: http://127.0.0.1:4317)
+        /// instead of the demo's built-in receiver.
+        #[arg(long, value_name = "URL")]
+        otlp_endpoint: Option<String>,
+        /// Without --otlp-endpoint: where the received traces are written, as JSON Jaeger's
+        /// UI loads (Search -> Upload JSON).
+        #[arg(long, value_name = "PATH", default_value = "target/demo-traces.json")]
+        trace_file: PathBuf,
     },
     /// Print the request log (one record per request, written by every proxy to Redis).
     Logs {
@@ -184,7 +194,9 @@ impl TargetArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Demo { mesh_file, keep_running, requests } => demo::run(&mesh_file, keep_running, requests).await,
+        Command::Demo { mesh_file, keep_running, requests, otlp_endpoint, trace_file } => {
+            demo::run(demo::Options { mesh_file, keep_running, requests, otlp_endpoint, trace_file }).await
+        }
         Command::Stat { targets, window_secs } => {
             let targets = targets.resolve().await?;
             stat::stat(&targets, std::time::Duration::from_secs_f64(window_secs.clamp(0.1, 3600.0))).await
