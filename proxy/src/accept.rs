@@ -19,6 +19,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
+mod idle;
+
 use crate::detect::{self, Protocol, Rewind};
 use crate::forward::http::{self as fwd, ConnInfo};
 use crate::forward::{Shared, tcp};
@@ -479,18 +481,83 @@ async fn until_drained<C: Future>(
     }
 }
 
-async fn serve_http1(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Rewind<TcpStream>) {
-    let h1 = http1_server(&shared);
-    let service = service_fn(move |req| {
-        let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
-        async move { Ok::<_, std::convert::Infallible>(fwd::handle(shared, conn, req).await) }
-    });
-    let result = h1.serve_connection(TokioIo::new(io), service).with_upgrades().await;
-    if let Err(e) = result {
-        if e.is_parse() || e.is_parse_too_large() || e.is_timeout() {
-            tracing::warn!("outbound: rejected a malformed or too slow HTTP/1 request: {e}");
+async fn serve_http1(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut io: Rewind<TcpStream>) {
+    let park_after = shared.settings.park_idle_after;
+    let activity = Arc::new(idle::Activity::default());
+    loop {
+        let service = {
+            let (shared, conn, activity) = (Arc::clone(&shared), Arc::clone(&conn), Arc::clone(&activity));
+            service_fn(move |req| {
+                let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
+                let busy = idle::Busy::new(&activity);
+                async move {
+                    let resp = fwd::handle(shared, conn, req).await;
+                    Ok::<_, std::convert::Infallible>(resp.map(|body| idle::Counted::new(body, busy)))
+                }
+            })
+        };
+        let watched = idle::Watched::new(io, Arc::clone(&activity));
+        // Boxed: the task keeps only a pointer while parked, not hyper's connection state.
+        let mut served =
+            Box::new(http1_server(&shared).serve_connection(TokioIo::new(watched), service).with_upgrades());
+        let result = if park_after.is_zero() {
+            Some((&mut *served).await)
         } else {
-            tracing::debug!("outbound http/1 connection: {e}");
+            quiet_or_done(&mut served, &activity, park_after).await
+        };
+        match result {
+            Some(Err(e)) if e.is_parse() || e.is_parse_too_large() || e.is_timeout() => {
+                tracing::warn!("outbound: rejected a malformed or too slow HTTP/1 request: {e}");
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::debug!("outbound http/1 connection: {e}");
+                return;
+            }
+            Some(Ok(())) => return,
+            None => {}
+        }
+        // Quiet: hyper holds only the socket and bytes it read but had not used yet.
+        let Some(parts) = served.into_parts() else { return };
+        let (leftover, tcp) = parts.io.into_inner().into_inner().into_parts();
+        let prefix = match (parts.read_buf.is_empty(), leftover.is_empty()) {
+            (_, true) => parts.read_buf,
+            (true, false) => leftover,
+            (false, false) => [parts.read_buf, leftover].concat().into(),
+        };
+        if prefix.is_empty() {
+            let parked = &shared.metrics.data.parked_connections;
+            parked.inc();
+            let readable = tcp.readable().await;
+            parked.dec();
+            if readable.is_err() {
+                return;
+            }
+        }
+        io = Rewind::new(prefix, tcp);
+    }
+}
+
+/// Runs `served` until it ends (Some) or has been quiet for a whole `period` (None).
+async fn quiet_or_done<F: Future + Unpin>(
+    served: &mut F,
+    activity: &idle::Activity,
+    period: Duration,
+) -> Option<F::Output> {
+    let mut mark = activity.mark();
+    let tick = tokio::time::sleep(period);
+    tokio::pin!(tick);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut *served => return Some(out),
+            () = &mut tick => {
+                if activity.quiet_since(mark) {
+                    return None;
+                }
+                mark = activity.mark();
+                tick.as_mut().reset(tokio::time::Instant::now() + period);
+            }
         }
     }
 }

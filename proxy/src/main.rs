@@ -63,6 +63,10 @@ struct Args {
     /// How long a client may take to send a request head (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     header_read_timeout_ms: u64,
+    /// An HTTP/1 client connection quiet this long (milliseconds) gives back its HTTP
+    /// buffers until the client sends again; 0 keeps them.
+    #[arg(long, default_value_t = 2_000)]
+    park_idle_after_ms: u64,
     /// This proxy's pod (downward API), for its node identity.
     #[arg(long, env = "NEUTRINO_POD_NAME", default_value = "")]
     pod: String,
@@ -161,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
         pod: pod_name.as_str().into(),
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+        park_idle_after: Duration::from_millis(args.park_idle_after_ms),
         server_first_ports: args
             .no_sniff_ports
             .clone()

@@ -26,6 +26,8 @@ pub struct DataMetrics {
     pub outbound_http_requests: Counter,
     pub outbound_tcp_connections: Counter,
     pub passthrough_connections: Counter,
+    /// Idle HTTP/1 client connections held as bare sockets (`accept::idle`).
+    pub parked_connections: Gauge,
     pub inbound_connections: Counter,
     pub no_capacity: Counter,
     pub retries: Counter,
@@ -133,6 +135,11 @@ impl Metrics {
             "passthrough_connections",
             "Connections to destinations outside the mesh",
             d.passthrough_connections.clone(),
+        );
+        r.register(
+            "parked_connections",
+            "Idle HTTP/1 client connections parked without HTTP buffers until the client sends again",
+            d.parked_connections.clone(),
         );
         r.register("inbound_connections", "Connections accepted for this pod", d.inbound_connections.clone());
         r.register("no_capacity", "Requests refused with 503 because no endpoint had room", d.no_capacity.clone());

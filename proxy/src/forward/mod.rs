@@ -43,6 +43,9 @@ pub struct DataSettings {
     pub detect_timeout: Duration,
     /// How long a client may take to send a request head.
     pub header_read_timeout: Duration,
+    /// An HTTP/1 client connection quiet for this long (up to twice this long) is
+    /// parked without its HTTP buffers (`accept::idle`); zero never parks.
+    pub park_idle_after: Duration,
     /// Ports where the server speaks first: never sniffed.
     pub server_first_ports: Vec<u16>,
     pub pool_idle_timeout: Duration,
@@ -60,6 +63,7 @@ impl Default for DataSettings {
             queue_timeout: Duration::from_millis(500),
             detect_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
+            park_idle_after: Duration::from_secs(2),
             server_first_ports: crate::detect::DEFAULT_SERVER_FIRST_PORTS.to_vec(),
             pool_idle_timeout: Duration::from_secs(60),
             // Above the concurrency one caller commonly reaches (100 h2 streams): a pool
