@@ -21,6 +21,8 @@ use tokio::sync::Notify;
 
 mod idle;
 
+pub use idle::give_back_memory;
+
 use crate::detect::{self, Protocol, Rewind};
 use crate::forward::http::{self as fwd, ConnInfo};
 use crate::forward::{Shared, tcp};
@@ -174,7 +176,9 @@ async fn outbound(shared: Arc<Shared>, stream: TcpStream) {
         // Not a mesh destination (an external API, the API server, a database):
         // exactly what the app asked for.
         shared.metrics.data.passthrough_connections.inc();
-        if let Err(e) = tcp::splice(stream, d, shared.settings.connect_timeout).await {
+        // Boxed, like the other big arms: a task is as large as its largest state, and
+        // a parked HTTP/1 connection should not pay for the states it is not in.
+        if let Err(e) = Box::pin(tcp::splice(stream, d, shared.settings.connect_timeout)).await {
             tracing::debug!("outbound passthrough to {d}: {e}");
         }
         return;
@@ -189,7 +193,7 @@ async fn outbound(shared: Arc<Shared>, stream: TcpStream) {
     let conn = Arc::new(ConnInfo { original_dst: dst, service: service.clone(), port });
     match protocol {
         Protocol::Http1 => serve_http1(shared, conn, io).await,
-        Protocol::Http2 => serve_http2(shared, conn, io).await,
+        Protocol::Http2 => Box::pin(serve_http2(shared, conn, io)).await,
         Protocol::Tls | Protocol::Tcp => {
             let target = match (&service, port) {
                 (Some(s), Some(p)) => {
@@ -210,7 +214,8 @@ async fn outbound(shared: Arc<Shared>, stream: TcpStream) {
                     }
                     let peer = tls.zip(identity.as_deref());
                     let timeout = shared.settings.connect_timeout;
-                    if let Err(e) = tcp::splice_to_endpoint(io, t, peer, timeout, &shared.metrics).await {
+                    let splice = Box::pin(tcp::splice_to_endpoint(io, t, peer, timeout, &shared.metrics));
+                    if let Err(e) = splice.await {
                         tracing::debug!("outbound tcp to {t}: {e}");
                     }
                 }
@@ -517,25 +522,42 @@ async fn serve_http1(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut io: Rewind<Tc
             Some(Ok(())) => return,
             None => {}
         }
-        // Quiet: hyper holds only the socket and bytes it read but had not used yet.
-        let Some(parts) = served.into_parts() else { return };
-        let (leftover, tcp) = parts.io.into_inner().into_inner().into_parts();
-        let prefix = match (parts.read_buf.is_empty(), leftover.is_empty()) {
-            (_, true) => parts.read_buf,
-            (true, false) => leftover,
-            (false, false) => [parts.read_buf, leftover].concat().into(),
-        };
-        if prefix.is_empty() {
+        let Some(socket) = socket_of(served) else { return };
+        if socket.prefix().is_empty() {
             let parked = &shared.metrics.data.parked_connections;
+            shared.metrics.data.connection_parks.inc();
             parked.inc();
-            let readable = tcp.readable().await;
+            let readable = socket.inner().readable().await;
             parked.dec();
             if readable.is_err() {
                 return;
             }
         }
-        io = Rewind::new(prefix, tcp);
+        io = socket;
     }
+}
+
+/// A quiet connection's socket, with the bytes hyper had read but not used yet (a
+/// request head still arriving) in front of it. Everything else hyper held is freed
+/// here, its buffers included: an empty `read_buf` still owns its 8-16 KiB allocation,
+/// so the unread bytes are copied out.
+// Takes the Box itself so that its allocation is freed here, before the socket is parked.
+#[allow(clippy::boxed_local)]
+fn socket_of<S, B>(
+    served: Box<http1::UpgradeableConnection<TokioIo<idle::Watched<Rewind<TcpStream>>>, S>>,
+) -> Option<Rewind<TcpStream>>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let parts = (*served).into_parts()?;
+    let (leftover, tcp) = parts.io.into_inner().into_inner().into_parts();
+    let mut prefix = Vec::with_capacity(parts.read_buf.len() + leftover.len());
+    prefix.extend_from_slice(&parts.read_buf);
+    prefix.extend_from_slice(&leftover);
+    Some(Rewind::new(bytes::Bytes::from(prefix), tcp))
 }
 
 /// Runs `served` until it ends (Some) or has been quiet for a whole `period` (None).

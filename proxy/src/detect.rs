@@ -155,6 +155,11 @@ impl<IO> Rewind<IO> {
         &self.inner
     }
 
+    /// The bytes still to be replayed before the stream's own.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
     /// The bytes not replayed yet, and the stream.
     pub fn into_parts(self) -> (Bytes, IO) {
         (self.prefix, self.inner)

@@ -173,6 +173,7 @@ pub async fn run(mut settings: Settings, shutdown: impl Future<Output = ()>) -> 
         tls: tls.clone(),
     });
     let admin_mesh = Arc::clone(&shared.mesh);
+    tokio::spawn(accept::give_back_memory(shared.metrics.data.connection_parks.clone()));
     tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));
     // ip6tables sends IPv6 traffic to the same ports on IPv6 addresses: listen there
     // too. Best effort, as a pod may have IPv6 disabled.

@@ -28,6 +28,8 @@ pub struct DataMetrics {
     pub passthrough_connections: Counter,
     /// Idle HTTP/1 client connections held as bare sockets (`accept::idle`).
     pub parked_connections: Gauge,
+    /// Times a connection was parked (`_total`); drives giving memory back.
+    pub connection_parks: Counter,
     pub inbound_connections: Counter,
     pub no_capacity: Counter,
     pub retries: Counter,
@@ -141,6 +143,7 @@ impl Metrics {
             "Idle HTTP/1 client connections parked without HTTP buffers until the client sends again",
             d.parked_connections.clone(),
         );
+        r.register("connection_parks", "Idle HTTP/1 client connections parked", d.connection_parks.clone());
         r.register("inbound_connections", "Connections accepted for this pod", d.inbound_connections.clone());
         r.register("no_capacity", "Requests refused with 503 because no endpoint had room", d.no_capacity.clone());
         r.register("retries", "Requests sent again to another endpoint", d.retries.clone());

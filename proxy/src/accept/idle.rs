@@ -13,6 +13,10 @@
 //! read or written for a whole idle period. Unread bytes (a request head that was still
 //! arriving) are handed to the next connection in front of the socket, so nothing is lost.
 //! This module only decides and counts; it must not read or write the socket itself.
+//!
+//! Freed is not returned: glibc keeps freed chunks that sit between live ones, so the
+//! process's RSS would not come down. [`give_back_memory`] asks it to (`malloc_trim`)
+//! after connections were parked, off the request path.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -181,6 +185,42 @@ impl<B: Body + Unpin> Body for Counted<B> {
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
     }
+}
+
+/// How often [`give_back_memory`] looks whether connections were parked.
+pub const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Every [`TRIM_EVERY`], if any connection was parked since the last look, returns the
+/// allocator's free pages to the OS. A trim walks the heap (milliseconds for hundreds of
+/// MiB) on a blocking thread, so it runs only after parking freed something.
+pub async fn give_back_memory(parks: prometheus_client::metrics::counter::Counter) {
+    let mut seen = parks.get();
+    loop {
+        tokio::time::sleep(TRIM_EVERY).await;
+        let now = parks.get();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let started = std::time::Instant::now();
+        let released = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
+        tracing::debug!("gave freed memory back to the OS ({released}) in {:?}", started.elapsed());
+    }
+}
+
+/// glibc's `malloc_trim(0)`: free pages inside the heap back to the OS. True if any was.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim() -> bool {
+    // SAFETY: malloc_trim takes a padding size, touches only the allocator's own free
+    // lists under its locks, and is safe to call from any thread at any time.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
+/// Other C libraries (musl) keep no such cache worth trimming.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() -> bool {
+    false
 }
 
 #[cfg(test)]
