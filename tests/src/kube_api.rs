@@ -414,3 +414,16 @@ impl FakeApi {
         )
     }
 }
+
+/// Writes a kubeconfig in `dir` pointing at the local API server on `port` (plain HTTP, no
+/// credentials), as kube clients read it from KUBECONFIG; returns its path.
+pub fn kubeconfig(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+         users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+         current-context: fake\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}

@@ -248,15 +248,7 @@ async fn kubernetes_token_review_proves_the_service_account() {
     );
     let port = api.clone().serve().await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n"
-        ),
-    )
-    .unwrap();
-    let kubeconfig = kubeconfig.display().to_string();
+    let kubeconfig = neutrino_tests::kube_api::kubeconfig(dir.path(), port).display().to_string();
     let cp = Cp::start(&[], &[("KUBECONFIG", kubeconfig.as_str())]);
     cp.wait_ready().await;
     let channel = cp.tls_channel().await;

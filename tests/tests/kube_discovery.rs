@@ -119,14 +119,7 @@ struct Cp {
 impl Cp {
     fn start(api_port: u16) -> Cp {
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{api_port}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n"
-            ),
-        )
-        .unwrap();
+        let kubeconfig = neutrino_tests::kube_api::kubeconfig(dir.path(), api_port);
         let (grpc, admin) = (free_port(), free_port());
         let mut cmd = std::process::Command::new(bin("neutrino-control-plane"));
         cmd.args(["--kubernetes", "--grpc-addr", &format!("127.0.0.1:{grpc}"), "--admin-addr"])

@@ -151,6 +151,21 @@ async fn counts_by_operation_and_status_match_the_traffic_sent() {
     }
 }
 
+/// Calls `getItem` through the proxy on `port` until told to stop; returns how many it sent.
+fn traffic(port: u16) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<u64>) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stop);
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            assert_eq!(curl(port, &["http://web.default/items/1"]), 200);
+            sent += 1;
+        }
+        sent
+    });
+    (stop, sender)
+}
+
 /// `neutrino stat` and `neutrino top` against live proxies: the row of the operation
 /// being called shows a rate and a success rate computed from the proxies' metrics.
 #[tokio::test]
@@ -160,19 +175,7 @@ async fn stat_and_top_show_the_live_traffic() {
     let cp = ControlPlane::start(&mesh.path(), &[]);
     let caller = Proxy::start(cp.grpc);
     caller.wait_ready().await;
-    let port = caller.outbound;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let stop = std::sync::Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut sent = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                assert_eq!(curl(port, &["http://web.default/items/1"]), 200);
-                sent += 1;
-            }
-            sent
-        })
-    };
+    let (stop, traffic) = traffic(caller.outbound);
     let admin = format!("127.0.0.1:{}", caller.admin);
     let run = |args: Vec<String>| {
         tokio::task::spawn_blocking(move || {
@@ -249,27 +252,9 @@ async fn stat_and_top_read_a_clusters_meshed_pods_through_the_api_server() {
     api.proxy_pod("other", "caller-1", 15020, admin);
     let api_port = api.clone().serve().await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{api_port}\n\
-             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
-             current-context: fake\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = kube_api::kubeconfig(dir.path(), api_port);
 
-    let port = caller.outbound;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let stop = std::sync::Arc::clone(&stop);
-        std::thread::spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                assert_eq!(curl(port, &["http://web.default/items/1"]), 200);
-            }
-        })
-    };
+    let (stop, traffic) = traffic(caller.outbound);
     let run = |args: Vec<&'static str>| {
         let kubeconfig = kubeconfig.clone();
         tokio::task::spawn_blocking(move || {
@@ -287,7 +272,8 @@ async fn stat_and_top_read_a_clusters_meshed_pods_through_the_api_server() {
     let calls_in_default = api.pod_proxy_calls();
     let (top, _) = run(vec!["top", "-A", "--interval-ms", "500", "--iterations", "1"]).await.unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || traffic.join().unwrap()).await.unwrap();
+    let sent = tokio::task::spawn_blocking(move || traffic.join().unwrap()).await.unwrap();
+    assert!(sent > 0);
 
     for out in [&stat, &top] {
         let row = out
