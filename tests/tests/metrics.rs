@@ -151,6 +151,19 @@ async fn counts_by_operation_and_status_match_the_traffic_sent() {
     }
 }
 
+/// The getItem row of a `stat` or `top` output shows a rate and full success, and the
+/// endpoint table lists the pod.
+fn assert_live_row(out: &str) {
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("default/web") && l.contains("getItem"))
+        .unwrap_or_else(|| panic!("no getItem row in:\n{out}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert!(cols[2].parse::<f64>().unwrap() > 0.0, "{row}");
+    assert_eq!(cols[3], "100.0%", "{row}");
+    assert!(out.contains("web-0"), "the endpoint table lists the pod:\n{out}");
+}
+
 /// Calls `getItem` through the proxy on `port` until told to stop; returns how many it sent.
 fn traffic(port: u16) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<u64>) {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -202,15 +215,7 @@ async fn stat_and_top_show_the_live_traffic() {
     let sent = tokio::task::spawn_blocking(move || traffic.join().unwrap()).await.unwrap();
     assert!(sent > 0);
     for out in [&stat, &top] {
-        let row = out
-            .lines()
-            .find(|l| l.starts_with("default/web") && l.contains("getItem"))
-            .unwrap_or_else(|| panic!("no getItem row in:\n{out}"));
-        let cols: Vec<&str> = row.split_whitespace().collect();
-        let rps: f64 = cols[2].parse().unwrap();
-        assert!(rps > 0.0, "{row}");
-        assert_eq!(cols[3], "100.0%", "{row}");
-        assert!(out.contains("web-0"), "the endpoint table lists the pod:\n{out}");
+        assert_live_row(out);
     }
 }
 
@@ -276,14 +281,7 @@ async fn stat_and_top_read_a_clusters_meshed_pods_through_the_api_server() {
     assert!(sent > 0);
 
     for out in [&stat, &top] {
-        let row = out
-            .lines()
-            .find(|l| l.starts_with("default/web") && l.contains("getItem"))
-            .unwrap_or_else(|| panic!("no getItem row in:\n{out}"));
-        let cols: Vec<&str> = row.split_whitespace().collect();
-        assert!(cols[2].parse::<f64>().unwrap() > 0.0, "{row}");
-        assert_eq!(cols[3], "100.0%", "{row}");
-        assert!(out.contains("web-0"), "the endpoint table lists the pod:\n{out}");
+        assert_live_row(out);
     }
     assert!(stat_err.contains("skipped default/gone-0"), "the silent pod is reported:\n{stat_err}");
     let count = |calls: &[String], pod: &str| calls.iter().filter(|c| c.contains(pod)).count();
