@@ -489,6 +489,9 @@ async fn until_drained<C: Future>(
 async fn serve_http1(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut io: Rewind<TcpStream>) {
     let park_after = shared.settings.park_idle_after;
     let activity = Arc::new(idle::Activity::default());
+    // When a request head began arriving across parkings: each new hyper connection
+    // restarts its own header timer, so the whole head's deadline is kept here.
+    let mut head_since: Option<std::time::Instant> = None;
     loop {
         let service = {
             let (shared, conn, activity) = (Arc::clone(&shared), Arc::clone(&conn), Arc::clone(&activity));
@@ -523,6 +526,14 @@ async fn serve_http1(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut io: Rewind<Tc
             None => {}
         }
         let Some(socket) = socket_of(served) else { return };
+        if socket.prefix().is_empty() {
+            head_since = None;
+        } else if head_since.get_or_insert_with(std::time::Instant::now).elapsed()
+            >= shared.settings.header_read_timeout
+        {
+            tracing::warn!("outbound: closed a connection whose HTTP/1 request head was too slow to arrive");
+            return;
+        }
         if socket.prefix().is_empty() {
             let parked = &shared.metrics.data.parked_connections;
             shared.metrics.data.connection_parks.inc();

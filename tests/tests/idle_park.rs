@@ -122,3 +122,32 @@ async fn a_response_slower_than_the_idle_period_is_neither_cut_nor_closed() {
     s.write_all(b"GET http://web.default/items/2 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
     assert!(response(&mut s).await.1.contains("/items/2"));
 }
+
+#[tokio::test]
+async fn a_head_trickling_in_across_parkings_still_meets_the_header_timeout() {
+    let app = Backend::start("web-0").await;
+    let mesh = WebMesh::new(SPEC, &[(app.port, "web-0")]);
+    let cp = ControlPlane::start(&mesh.path(), &[]);
+    let proxy = Proxy::start_with(cp.grpc, &["--park-idle-after-ms", "100", "--header-read-timeout-ms", "1000"]);
+    proxy.wait_ready().await;
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.outbound)).await.unwrap();
+    s.write_all(b"GET http://web.default/items/1 HTTP/1.1\r\nX-Slow: ").await.unwrap();
+    // A slowloris client: one byte every 300 ms, so the connection goes quiet (and is
+    // taken apart) between bytes. Without a deadline across parkings it would never end.
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if s.write_all(b"x").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the proxy kept a trickling request head open for {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(3), "closed only after {:?}", started.elapsed());
+}
