@@ -51,6 +51,7 @@ fn bench(c: &mut Criterion) {
                 zone: Arc::from("zone"),
                 identity: None,
                 load: Arc::default(),
+                conns: Arc::default(),
             })
             .collect(),
     );

@@ -2,7 +2,7 @@
 """Opens N keep-alive HTTP/1.1 connections to 127.0.0.1:PORT, sends one GET /1k on
 each (so each is past protocol detection and holds its per-connection state), then
 keeps them all open and idle. Prints "READY <opened>" when done; exits on SIGTERM or
-after --hold seconds. Used by bench.py for "RSS with 10,000 idle connections"."""
+after --hold seconds. Used by workloads.py (bench.py) for "RSS with 10,000 idle connections"."""
 import argparse
 import asyncio
 import resource

@@ -37,8 +37,9 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (LO, BenchError, Procs, Target, log, mesh_yaml, oha, oha_bin, port_free, render,  # noqa: E402
-                   wait_ready, wait_tcp, wrk)
+from procs import LO, BenchError, Procs, log, port_free, wait_ready, wait_tcp  # noqa: E402
+from targets import Target, mesh_yaml, render  # noqa: E402
+from workloads import oha, oha_bin, wrk  # noqa: E402
 
 P = {"backend": 18080, "backend_h2": 18082, "cp_grpc": 18610, "cp_admin": 18614, "redis": 18699,
      "otlp_up": 18696, "otlp_down": 18697, "otlp_hang": 18698,

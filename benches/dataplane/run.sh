@@ -9,7 +9,8 @@
 # Results: benches/results/dataplane.md (printed too) and
 # benches/results/dataplane-latency.png. How it works: benches/README.md, section
 # "Data path: Neutrino vs nginx and HAProxy". The orchestration is bench.py next to
-# this file; it starts every process itself and stops all of them on any exit.
+# this file (with procs.py, targets.py, workloads.py, report.py); it starts every
+# process itself and stops all of them on any exit.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -49,6 +50,12 @@ if [[ -z "${SKIP_INSTALL:-}" ]]; then
             log "oha could not be installed within 10 minutes; latency at a fixed rate falls back to wrk's"
         fi
     fi
+    python3 -c 'import grpc' 2>/dev/null || {
+        log "installing grpcio with pip (to check that every target answers the gRPC call)"
+        pip install --quiet grpcio 2>/dev/null \
+            || pip install --quiet --break-system-packages grpcio \
+            || die "grpcio could not be installed; the gRPC targets cannot be checked (pip install grpcio)"
+    }
     python3 -c 'import matplotlib' 2>/dev/null || {
         log "installing matplotlib with pip (for the latency plot)"
         pip install --quiet matplotlib 2>/dev/null \
@@ -66,8 +73,12 @@ if [[ -z "${SKIP_BUILD:-}" ]]; then
     log "building Neutrino (release)"
     cargo build --release -p neutrino-control-plane -p neutrino-proxy \
         || die "cargo build --release failed; see the compiler output above"
+    # The gRPC unary workload's backend (benches/src/grpc_backend).
+    log "building the gRPC backend (release)"
+    cargo build --release -p neutrino-benches --bin grpc-backend \
+        || die "cargo build --release -p neutrino-benches --bin grpc-backend failed; see the compiler output above"
 fi
-for b in neutrino-control-plane neutrino-proxy; do
+for b in neutrino-control-plane neutrino-proxy grpc-backend; do
     [[ -x target/release/$b ]] || die "target/release/$b is missing; run without SKIP_BUILD"
 done
 

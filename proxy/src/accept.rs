@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 mod idle;
+mod park;
 mod serve;
 
 pub use idle::give_back_memory;
@@ -26,7 +27,9 @@ pub use idle::give_back_memory;
 use crate::detect::{self, Protocol, Rewind};
 use crate::forward::http::{self as fwd, ConnInfo};
 use crate::forward::{Shared, tcp};
-use serve::{http1_server, http2_server, serve_http1, serve_http2, serve_inbound_http};
+use serve::{
+    InboundConn, LotRef, http1_server, http2_server, serve_http1, serve_http2, serve_inbound_http, serve_inbound_http1,
+};
 
 /// An IPv6-only listener on `addr`, for the IPv6 side of a port whose IPv4 side is
 /// bound separately (iptables redirects each family to its own listener).
@@ -66,9 +69,38 @@ pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     dst.filter(|d| *d != local)
 }
 
-/// Accepts outbound connections until the task is dropped.
+/// Accepts outbound connections until the task is dropped. Quiet HTTP/1 connections
+/// are parked in this listener's lot (`accept/park.rs`), and close with it.
 pub async fn serve_outbound(listener: TcpListener, shared: Arc<Shared>) {
-    accept_loop(listener, "outbound", move |stream| outbound(Arc::clone(&shared), stream)).await;
+    let lot = new_lot(&shared, "outbound");
+    let weak = lot.as_ref().map(Arc::downgrade);
+    let accepting = accept_loop(listener, "outbound", {
+        let shared = Arc::clone(&shared);
+        move |stream| outbound(Arc::clone(&shared), stream, weak.clone())
+    });
+    let Some(lot) = lot else { return accepting.await };
+    let weak = Some(Arc::downgrade(&lot));
+    let resume = |tcp, conn| {
+        let io = Rewind::new(bytes::Bytes::new(), tcp);
+        tokio::spawn(serve_http1(Arc::clone(&shared), Arc::new(conn), io, weak.clone()));
+    };
+    tokio::join!(accepting, lot.run(resume));
+}
+
+/// A listener's parking lot. None when parking is off, or when no epoll set can be
+/// made (connections then wait in their own tasks when quiet).
+fn new_lot<T>(shared: &Shared, side: &str) -> Option<Arc<park::Lot<T>>> {
+    if shared.settings.park_idle_after.is_zero() {
+        return None;
+    }
+    let data = &shared.metrics.data;
+    match park::Lot::new(data.parked_connections.clone(), data.connection_parks.clone()) {
+        Ok(lot) => Some(Arc::new(lot)),
+        Err(e) => {
+            tracing::warn!("{side}: quiet connections wait in their own tasks (no epoll set: {e})");
+            None
+        }
+    }
 }
 
 /// Counts open connections so shutdown can wait for them to finish.
@@ -136,17 +168,22 @@ impl Drop for Tracked {
 /// Accepts inbound connections until the task is dropped. `app` is where to send them
 /// when they were not redirected (local mode without iptables). Open connections are
 /// counted in `tracker` and outlive this task, so shutdown can drain them.
+/// Quiet plaintext HTTP/1 connections are parked in this listener's lot, still counted
+/// as open; when the task is dropped (shutdown) they close with it.
 pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, app: Option<SocketAddr>, tracker: Arc<Tracker>) {
-    accept_loop(listener, "inbound", move |stream| {
-        let held = tracker.track();
-        let drain = tracker.draining();
-        let shared = Arc::clone(&shared);
-        async move {
-            inbound(shared, stream, app, drain).await;
-            drop(held);
-        }
-    })
-    .await;
+    let lot = new_lot(&shared, "inbound");
+    let weak = lot.as_ref().map(Arc::downgrade);
+    let accepting = accept_loop(listener, "inbound", {
+        let (shared, tracker) = (Arc::clone(&shared), Arc::clone(&tracker));
+        move |stream| inbound(Arc::clone(&shared), stream, app, tracker.draining(), tracker.track(), weak.clone())
+    });
+    let Some(lot) = lot else { return accepting.await };
+    let weak = Some(Arc::downgrade(&lot));
+    let resume = |tcp, conn| {
+        let io = Rewind::new(bytes::Bytes::new(), tcp);
+        tokio::spawn(serve_inbound_http1(Arc::clone(&shared), conn, io, tracker.draining(), weak.clone()));
+    };
+    tokio::join!(accepting, lot.run(resume));
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, name: &'static str, handle: F)
@@ -169,7 +206,7 @@ where
     }
 }
 
-async fn outbound(shared: Arc<Shared>, stream: TcpStream) {
+async fn outbound(shared: Arc<Shared>, stream: TcpStream, lot: LotRef<ConnInfo>) {
     let dst = original_dst(&stream);
     let mesh = shared.mesh.load_full();
     let service = dst.and_then(|d| mesh.by_destination(d)).cloned();
@@ -193,7 +230,7 @@ async fn outbound(shared: Arc<Shared>, stream: TcpStream) {
     let io = io.0;
     let conn = Arc::new(ConnInfo { original_dst: dst, service: service.clone(), port });
     match protocol {
-        Protocol::Http1 => serve_http1(shared, conn, io).await,
+        Protocol::Http1 => serve_http1(shared, conn, io, lot).await,
         Protocol::Http2 => Box::pin(serve_http2(shared, conn, io)).await,
         Protocol::Tls | Protocol::Tcp => {
             let target = match (&service, port) {
@@ -229,11 +266,14 @@ async fn outbound(shared: Arc<Shared>, stream: TcpStream) {
     }
 }
 
+/// `held` counts the connection as open until it ends.
 async fn inbound(
     shared: Arc<Shared>,
     stream: TcpStream,
     app: Option<SocketAddr>,
     drain: tokio::sync::watch::Receiver<bool>,
+    held: Tracked,
+    lot: LotRef<InboundConn>,
 ) {
     shared.metrics.data.inbound_connections.inc();
     let target = match (original_dst(&stream), app) {
@@ -282,7 +322,8 @@ async fn inbound(
     shared.metrics.security.plaintext_accepted.get_or_create(&label).inc();
     match protocol {
         // HTTP is served, so the pod's load can be measured and reported back.
-        Protocol::Http1 | Protocol::Http2 => serve_inbound_http(shared, target, io, protocol, drain, None).await,
+        Protocol::Http1 => serve_inbound_http1(shared, InboundConn { app: target, _held: held }, io, drain, lot).await,
+        Protocol::Http2 => serve_inbound_http(shared, target, io, protocol, drain, None).await,
         Protocol::Tls | Protocol::Tcp => {
             if let crate::route::Decision::Deny { reason } = policy.authorize(None, None) {
                 return deny_connection(&shared, &service, None, reason, io.into_parts().1);

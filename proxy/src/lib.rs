@@ -118,6 +118,11 @@ pub async fn run(mut settings: Settings, shutdown: impl Future<Output = ()>) -> 
     };
     let outbound = bind("outbound listener", settings.outbound_addr).await?;
     let inbound = bind("inbound listener", settings.inbound_addr).await?;
+    // ip6tables sends IPv6 traffic to the same ports on IPv6 addresses: listen there
+    // too (below). Known now so that forward can refuse requests that would loop.
+    let v6_outbound = (settings.outbound_addr.ip() == std::net::Ipv4Addr::LOCALHOST)
+        .then(|| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, settings.outbound_addr.port())));
+    settings.data.outbound_listeners = outbound.local_addr().into_iter().chain(v6_outbound).collect();
     let mesh = Arc::new(ArcSwap::from_pointee(route::Mesh::default()));
     let pod_load = Arc::new(forward::inbound::PodLoad::default());
     let reports = match &settings.config {
@@ -168,17 +173,16 @@ pub async fn run(mut settings: Settings, shutdown: impl Future<Output = ()>) -> 
         retry_budget: Default::default(),
         metrics: Arc::clone(&handles.metrics),
         pod_load,
+        app_conns: Default::default(),
         request_log,
         tracing: traces.clone(),
         tls: tls.clone(),
     });
     let admin_mesh = Arc::clone(&shared.mesh);
+    tokio::spawn(forward::pool::reap_stale(Arc::clone(&shared)));
     tokio::spawn(accept::give_back_memory(shared.metrics.data.connection_parks.clone()));
     tokio::spawn(accept::serve_outbound(outbound, Arc::clone(&shared)));
-    // ip6tables sends IPv6 traffic to the same ports on IPv6 addresses: listen there
-    // too. Best effort, as a pod may have IPv6 disabled.
-    let v6_outbound = (settings.outbound_addr.ip() == std::net::Ipv4Addr::LOCALHOST)
-        .then(|| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, settings.outbound_addr.port())));
+    // Best effort, as a pod may have IPv6 disabled.
     if let Some(l) = v6_outbound.and_then(|a| accept::bind_v6_only(a).ok()) {
         tokio::spawn(accept::serve_outbound(l, Arc::clone(&shared)));
     }

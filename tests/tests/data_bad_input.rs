@@ -224,3 +224,16 @@ async fn an_http2_rapid_reset_flood_is_cut_off() {
     assert!(s.backend.served() < 5000, "the flood was cut off early ({} reached the app)", s.backend.served());
     still_serving(&s).await;
 }
+
+/// A request whose Host names the proxy's own outbound listener would be passed
+/// through to that listener, which would pass it through again, each time on a new
+/// connection, until descriptors ran out (this happened with a load generator that
+/// sent its target address as Host). It is refused with 508 instead.
+#[tokio::test]
+async fn a_request_for_the_proxys_own_listener_is_refused_not_looped() {
+    let s = setup().await;
+    let req = format!("GET /loop HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n", s.proxy.outbound);
+    assert_eq!(send_raw(s.proxy.outbound, req.as_bytes()).await, Some(508));
+    still_serving(&s).await;
+    assert_eq!(s.backend.served(), 1, "only the follow-up request reached the app");
+}

@@ -169,6 +169,7 @@ fn endpoint(i: usize, capacity: u64, load: Arc<EndpointLoad>) -> Endpoint {
         zone: Arc::from("zone-a"),
         identity: None,
         load,
+        conns: Arc::default(),
     }
 }
 

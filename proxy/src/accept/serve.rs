@@ -1,7 +1,9 @@
 //! Accept, serving: the HTTP/1 and HTTP/2 servers an accepted connection is handed to
-//! once detection says it speaks HTTP. Outbound HTTP/1 connections are parked when quiet
-//! (`idle.rs`); inbound ones are served until drained. It must not route or pick
-//! endpoints: requests go to `forward`.
+//! once detection says it speaks HTTP. Plaintext HTTP/1 connections, outbound and
+//! inbound, are parked when quiet (`idle.rs` decides when, `park.rs` holds them). HTTP/2
+//! and mTLS connections are served until they end or are drained: hyper's HTTP/2 state
+//! and rustls' cannot be taken apart and put back. It must not route or pick endpoints:
+//! requests go to `forward`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,8 +15,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::idle;
+use super::park::Lot;
 use crate::detect::{Protocol, Rewind};
 use crate::forward::Shared;
+use crate::forward::body::ProxyBody;
 use crate::forward::http::{self as fwd, ConnInfo};
 
 /// The HTTP/1 server settings every listener uses.
@@ -76,65 +80,160 @@ async fn until_drained<C: Future>(
     }
 }
 
-pub(super) async fn serve_http1(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut io: Rewind<TcpStream>) {
-    let park_after = shared.settings.park_idle_after;
+/// A parked connection's lot, as its serving task holds it: weakly, so that the lot
+/// (and the connections parked in it) goes with its listener. None: no lot, connections
+/// wait in their own tasks.
+pub(super) type LotRef<T> = Option<std::sync::Weak<Lot<T>>>;
+
+/// Set when the connection should finish (inbound shutdown); None never is.
+type Drain = Option<tokio::sync::watch::Receiver<bool>>;
+
+/// Serves an outbound HTTP/1 connection, parking it whenever it goes quiet.
+pub(super) async fn serve_http1(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    io: Rewind<TcpStream>,
+    lot: LotRef<ConnInfo>,
+) {
+    let handle = {
+        let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
+        move |req| fwd::handle(Arc::clone(&shared), Arc::clone(&conn), req)
+    };
+    // By value in the lot: an `Arc` of its own would be one more scattered allocation.
+    let resume = ConnInfo::clone(&conn);
+    serve_parking(shared, io, handle, None, "outbound", resume, lot).await;
+}
+
+/// What an inbound connection parked in its listener's lot needs to be served again.
+#[derive(Debug)]
+pub(super) struct InboundConn {
+    pub app: SocketAddr,
+    /// Counts the connection as open, parked or not, for shutdown's drain (by being held).
+    pub _held: super::Tracked,
+}
+
+/// Serves an inbound plaintext HTTP/1 connection (no caller identity), parking it
+/// whenever it goes quiet. On drain it answers what it is doing and closes.
+pub(super) async fn serve_inbound_http1(
+    shared: Arc<Shared>,
+    conn: InboundConn,
+    io: Rewind<TcpStream>,
+    drain: tokio::sync::watch::Receiver<bool>,
+    lot: LotRef<InboundConn>,
+) {
+    let handle = {
+        let (shared, app) = (Arc::clone(&shared), conn.app);
+        move |req| crate::forward::inbound::handle(Arc::clone(&shared), app, req, None)
+    };
+    serve_parking(shared, io, handle, Some(drain), "inbound", conn, lot).await;
+}
+
+/// Serves HTTP/1 on `io` with `handle`; when the connection goes quiet (`idle.rs`) its
+/// socket is parked in `lot` with `resume` and this task ends (the lot serves it again
+/// on a new one). Without a lot the socket waits in this task.
+async fn serve_parking<H, F, T>(
+    shared: Arc<Shared>,
+    mut io: Rewind<TcpStream>,
+    handle: H,
+    mut drain: Drain,
+    side: &'static str,
+    mut resume: T,
+    lot: LotRef<T>,
+) where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = hyper::Response<ProxyBody>> + Send + 'static,
+{
+    loop {
+        let Some(tcp) = serve_until_quiet(&shared, io, handle.clone(), &mut drain, side).await else { return };
+        let tcp = match lot.as_ref().map(std::sync::Weak::upgrade) {
+            // The listener is gone (shutdown), and so is the lot: the connection closes.
+            Some(None) => return,
+            Some(Some(lot)) => match lot.park(tcp, resume) {
+                None => return,
+                Some((tcp, back)) => {
+                    resume = back;
+                    tcp
+                }
+            },
+            None => tcp,
+        };
+        let data = &shared.metrics.data;
+        data.connection_parks.inc();
+        data.parked_connections.inc();
+        let readable = tokio::select! {
+            r = tcp.readable() => r.is_ok(),
+            () = drained(&mut drain) => false,
+        };
+        data.parked_connections.dec();
+        if !readable {
+            return;
+        }
+        io = Rewind::new(bytes::Bytes::new(), tcp);
+    }
+}
+
+/// Serves HTTP/1 on `io` until the connection ends (None) or is quiet with no request
+/// bytes waiting (its socket). A request head that was still arriving when it went quiet
+/// is handed to the next hyper connection, within one header deadline across them.
+async fn serve_until_quiet<H, F>(
+    shared: &Shared,
+    mut io: Rewind<TcpStream>,
+    handle: H,
+    drain: &mut Drain,
+    side: &'static str,
+) -> Option<TcpStream>
+where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = hyper::Response<ProxyBody>> + Send + 'static,
+{
     let activity = Arc::new(idle::Activity::default());
     // When a request head began arriving across parkings: each new hyper connection
     // restarts its own header timer, so the whole head's deadline is kept here.
     let mut head_since: Option<std::time::Instant> = None;
     loop {
         let service = {
-            let (shared, conn, activity) = (Arc::clone(&shared), Arc::clone(&conn), Arc::clone(&activity));
+            let (handle, activity) = (handle.clone(), Arc::clone(&activity));
             service_fn(move |req| {
-                let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
                 let busy = idle::Busy::new(&activity);
-                async move {
-                    let resp = fwd::handle(shared, conn, req).await;
-                    Ok::<_, std::convert::Infallible>(resp.map(|body| idle::Counted::new(body, busy)))
-                }
+                let response = handle(req);
+                async move { Ok::<_, std::convert::Infallible>(response.await.map(|b| idle::Counted::new(b, busy))) }
             })
         };
         let watched = idle::Watched::new(io, Arc::clone(&activity));
         // Boxed: the task keeps only a pointer while parked, not hyper's connection state.
         let mut served =
-            Box::new(http1_server(&shared).serve_connection(TokioIo::new(watched), service).with_upgrades());
-        let result = if park_after.is_zero() {
-            Some((&mut *served).await)
-        } else {
-            quiet_or_done(&mut served, &activity, park_after).await
-        };
-        match result {
+            Box::new(http1_server(shared).serve_connection(TokioIo::new(watched), service).with_upgrades());
+        let period = shared.settings.park_idle_after;
+        match quiet_or_done(&mut *served, &activity, period, drain, |c| std::pin::Pin::new(c).graceful_shutdown()).await
+        {
             Some(Err(e)) if e.is_parse() || e.is_parse_too_large() || e.is_timeout() => {
-                tracing::warn!("outbound: rejected a malformed or too slow HTTP/1 request: {e}");
-                return;
+                tracing::warn!("{side}: rejected a malformed or too slow HTTP/1 request: {e}");
+                return None;
             }
             Some(Err(e)) => {
-                tracing::debug!("outbound http/1 connection: {e}");
-                return;
+                tracing::debug!("{side} http/1 connection: {e}");
+                return None;
             }
-            Some(Ok(())) => return,
+            Some(Ok(())) => return None,
             None => {}
         }
-        let Some(socket) = socket_of(served) else { return };
+        let socket = socket_of(served)?;
         if socket.prefix().is_empty() {
-            head_since = None;
-        } else if head_since.get_or_insert_with(std::time::Instant::now).elapsed()
-            >= shared.settings.header_read_timeout
-        {
-            tracing::warn!("outbound: closed a connection whose HTTP/1 request head was too slow to arrive");
-            return;
+            return Some(socket.into_parts().1);
         }
-        if socket.prefix().is_empty() {
-            let parked = &shared.metrics.data.parked_connections;
-            shared.metrics.data.connection_parks.inc();
-            parked.inc();
-            let readable = socket.inner().readable().await;
-            parked.dec();
-            if readable.is_err() {
-                return;
-            }
+        if head_since.get_or_insert_with(std::time::Instant::now).elapsed() >= shared.settings.header_read_timeout {
+            tracing::warn!("{side}: closed a connection whose HTTP/1 request head was too slow to arrive");
+            return None;
         }
         io = socket;
+    }
+}
+
+/// Resolves once `drain` turns true (or its sender is gone); never without one.
+async fn drained(drain: &mut Drain) {
+    match drain {
+        Some(d) => drop(d.wait_for(|d| *d).await),
+        None => std::future::pending().await,
     }
 }
 
@@ -161,11 +260,15 @@ where
     Some(Rewind::new(bytes::Bytes::from(prefix), tcp))
 }
 
-/// Runs `served` until it ends (Some) or has been quiet for a whole `period` (None).
+/// Runs `served` until it ends (Some) or has been quiet for a whole `period` (None; a
+/// zero period never is). Once `drain` turns true, it is asked to finish (hyper's
+/// graceful shutdown: an idle connection closes at once) and run to its end.
 async fn quiet_or_done<F: Future + Unpin>(
     served: &mut F,
     activity: &idle::Activity,
     period: Duration,
+    drain: &mut Drain,
+    mut shutdown: impl FnMut(&mut F),
 ) -> Option<F::Output> {
     let mut mark = activity.mark();
     let tick = tokio::time::sleep(period);
@@ -174,12 +277,16 @@ async fn quiet_or_done<F: Future + Unpin>(
         tokio::select! {
             biased;
             out = &mut *served => return Some(out),
-            () = &mut tick => {
+            () = &mut tick, if !period.is_zero() => {
                 if activity.quiet_since(mark) {
                     return None;
                 }
                 mark = activity.mark();
                 tick.as_mut().reset(tokio::time::Instant::now() + period);
+            }
+            () = drained(drain) => {
+                shutdown(served);
+                return Some(served.await);
             }
         }
     }

@@ -8,19 +8,32 @@ use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::pool::Reuse;
 use crate::select::endpoints::InFlight;
 
 /// An upstream body; the request's cost stays on its endpoint until this ends or is
-/// dropped (client gone), whichever comes first.
+/// dropped (client gone), whichever comes first. Its connection goes back to the
+/// endpoint's pool only once the body has been read to its end: a connection with
+/// part of a response unread cannot carry another.
 #[derive(Debug)]
 pub struct Held {
     inner: Incoming,
     hold: Option<InFlight>,
+    reuse: Option<Reuse>,
 }
 
 impl Held {
-    pub fn new(inner: Incoming, hold: Option<InFlight>) -> Self {
-        Held { inner, hold }
+    pub fn new(inner: Incoming, hold: Option<InFlight>, reuse: Option<Reuse>) -> Self {
+        Held { inner, hold, reuse }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // A body with nothing to read (204, HEAD, Content-Length: 0) is never polled.
+        if let Some(r) = self.reuse.take().filter(|_| self.inner.is_end_stream()) {
+            r.give_back();
+        }
     }
 }
 
@@ -30,8 +43,18 @@ impl Body for Held {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
-            self.hold = None;
+        match &polled {
+            Poll::Ready(None) => {
+                self.hold = None;
+                if let Some(r) = self.reuse.take() {
+                    r.give_back();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                self.hold = None;
+                self.reuse = None;
+            }
+            _ => {}
         }
         polled
     }

@@ -101,12 +101,10 @@ pub struct MeshConnector {
 }
 
 impl MeshConnector {
-    async fn connect(self, uri: Uri) -> std::io::Result<UpstreamIo> {
-        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-        let target: SocketAddr = authority.parse().map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{authority:?} is not an address"))
-        })?;
-        if uri.scheme_str() != Some("https") {
+    /// A connection to `target`: plain TCP, or mesh mTLS verified against the identity
+    /// the compiled mesh gives `target` now.
+    pub async fn open(&self, target: SocketAddr, mtls: bool) -> std::io::Result<UpstreamIo> {
+        if !mtls {
             return Ok(UpstreamIo::Plain(TokioIo::new(super::tcp::connect(target, self.connect_timeout).await?)));
         }
         let Some(tls) = &self.tls else {
@@ -117,6 +115,14 @@ impl MeshConnector {
         })?;
         let s = super::tcp::connect_mesh(target, tls, &peer, self.alpn, self.connect_timeout, &self.metrics).await?;
         Ok(UpstreamIo::Tls(Box::new(TokioIo::new(s))))
+    }
+
+    async fn connect(self, uri: Uri) -> std::io::Result<UpstreamIo> {
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+        let target: SocketAddr = authority.parse().map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{authority:?} is not an address"))
+        })?;
+        self.open(target, uri.scheme_str() == Some("https")).await
     }
 }
 

@@ -20,7 +20,7 @@ use neutrino_proto::Protocol as PortProtocol;
 
 use super::Shared;
 use super::body::{Held, ProxyBody, local};
-use super::upstream::{self, Failure};
+use super::upstream::{self, Failure, Via};
 use crate::route::{PortEntry, ServiceEntry, strip_port};
 use crate::select::endpoints::{FAST_FAILURE, InFlight, now_ms};
 use crate::telemetry::trace::HopSpan;
@@ -85,7 +85,14 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incom
         Some(s) => Some(Arc::clone(s)),
         None => {
             let mesh = shared.mesh.load();
-            authority(&req).and_then(|a| mesh.by_host(&a.to_ascii_lowercase(), &shared.settings.namespace).cloned())
+            // Hosts are lower-case in the mesh; most requests' are already.
+            authority(&req).and_then(|a| {
+                let a = match a.bytes().any(|b| b.is_ascii_uppercase()) {
+                    true => std::borrow::Cow::Owned(a.to_ascii_lowercase()),
+                    false => std::borrow::Cow::Borrowed(a),
+                };
+                mesh.by_host(&a, &shared.settings.namespace).cloned()
+            })
         }
     };
     match service {
@@ -165,7 +172,7 @@ async fn forward_to_service(
     shared.retry_budget.deposit();
 
     let mut downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let mut body = Some(body);
     let mut avoid = None;
     let mut attempt: u32 = 0;
@@ -179,12 +186,12 @@ async fn forward_to_service(
             Err(refusal) => return logged(shared, &svc, op, started, log, refusal),
         };
         let endpoint = &svc.endpoints.endpoints[choice.index];
-        let target = svc.target(endpoint, &port).to_string();
+        let target = svc.target(endpoint, &port);
         if let Some(s) = span.as_mut() {
-            s.chose(endpoint, svc.target(endpoint, &port), &choice, attempt);
+            s.chose(endpoint, target, &choice, attempt);
         }
         if let Some(l) = log.as_mut() {
-            l.endpoint.clone_from(&target);
+            l.endpoint = target.to_string();
             l.endpoint_pod = Some(Arc::clone(&endpoint.pod));
             l.endpoint_identity = endpoint.identity.clone().filter(|_| shared.mesh_tls().is_some());
             l.reason = format!("{} at {:.0}%", choice.reason.as_str(), choice.utilization * 100.0);
@@ -195,12 +202,19 @@ async fn forward_to_service(
         if endpoint.identity.is_some() && !mtls {
             shared.metrics.security.outbound_plaintext_to_meshed.inc();
         }
-        let mut head = match upstream::prepare(&parts, &target, h2, upgrading, mtls) {
-            Ok(h) => h,
-            Err(f) => return logged(shared, &svc, op, started, log, failure_answer(f)),
+        let may_retry = retryable && attempt < MAX_ATTEMPTS;
+        // HTTP/1 goes over the endpoint's own pool; HTTP/2 over hyper-util's client.
+        let (via, uri) = if h2 {
+            match upstream::absolute_form(&parts, &target.to_string(), mtls) {
+                Ok(u) => (Via::Client { h2 }, u),
+                Err(f) => return logged(shared, &svc, op, started, log, failure_answer(f)),
+            }
+        } else {
+            (Via::Endpoint { conns: &endpoint.conns, addr: target, mtls }, upstream::origin_form(&parts))
         };
+        let mut head = upstream::prepare(&mut parts, uri, h2, upgrading, may_retry);
         // The endpoint's proxy counts it against the pod (and strips it).
-        head.headers.insert(super::inbound::COST, super::inbound::format_cost(&cost));
+        head.headers.insert(super::inbound::COST, op.cost_header.clone());
         if let Some(s) = span.as_ref() {
             s.inject(&mut head.headers);
         }
@@ -208,12 +222,11 @@ async fn forward_to_service(
             Some(b) => Either::Left(b),
             None => Either::Right(Empty::new()),
         };
-        let may_retry = retryable && attempt < MAX_ATTEMPTS;
         let sent = std::time::Instant::now();
-        let result = upstream::send(&shared.upstreams, h2, head, upstream_body, timeout).await;
+        let result = upstream::send(&shared.upstreams, via, head, upstream_body, timeout).await;
         let fast = sent.elapsed() < FAST_FAILURE;
         match result {
-            Ok(mut resp) => {
+            Ok((mut resp, reuse)) => {
                 if let Some(load) = resp.headers_mut().remove(super::inbound::LOAD) {
                     learn_load(endpoint, &load, &cost);
                 }
@@ -252,7 +265,7 @@ async fn forward_to_service(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 upstream::strip_hop_by_hop(&mut rparts.headers, false);
-                let resp = Response::from_parts(rparts, Either::Left(Held::new(rbody, Some(hold))));
+                let resp = Response::from_parts(rparts, Either::Left(Held::new(rbody, Some(hold), reuse)));
                 return logged(shared, &svc, op, started, log, resp);
             }
             Err(f) => {
@@ -406,6 +419,16 @@ async fn wait_for_room(
     }
 }
 
+/// True when `target` is one of this proxy's own outbound listeners: a request sent
+/// there comes straight back, and again, until the descriptors run out.
+fn loops_back(target: SocketAddr, listeners: &[SocketAddr]) -> bool {
+    listeners.iter().any(|l| {
+        l.port() == target.port()
+            && (l.ip() == target.ip()
+                || (l.ip().is_unspecified() && (target.ip().is_loopback() || target.ip().is_unspecified())))
+    })
+}
+
 /// A request for somewhere the mesh does not know: sent on unchanged.
 async fn passthrough(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let target = match conn.original_dst {
@@ -416,16 +439,25 @@ async fn passthrough(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming
             None => return answer(StatusCode::BAD_REQUEST, "request names no host; set Host or use an absolute URI"),
         },
     };
+    if target.parse().is_ok_and(|t| loops_back(t, &shared.settings.outbound_listeners)) {
+        let why = format!(
+            "forwarding loop: {target} is this proxy's own outbound listener; name a destination in Host \
+             (a mesh service, or the address the request is for)"
+        );
+        return answer(StatusCode::LOOP_DETECTED, &why);
+    }
     let h2 = req.version() == Version::HTTP_2;
     let upgrading = !h2 && upstream::is_upgrade(&req);
     let downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
-    let head = match upstream::prepare(&parts, &target, h2, upgrading, false) {
-        Ok(h) => h,
+    let (mut parts, body) = req.into_parts();
+    let uri = match upstream::absolute_form(&parts, &target, false) {
+        Ok(u) => u,
         Err(f) => return failure_answer(f),
     };
-    match upstream::send(&shared.upstreams, h2, head, Either::Left(body), shared.settings.request_timeout).await {
-        Ok(mut resp) => {
+    let head = upstream::prepare(&mut parts, uri, h2, upgrading, false);
+    let via = Via::Client { h2 };
+    match upstream::send(&shared.upstreams, via, head, Either::Left(body), shared.settings.request_timeout).await {
+        Ok((mut resp, _)) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(down) = downstream_upgrade
             {
@@ -437,7 +469,7 @@ async fn passthrough(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming
             let (mut p, b) = resp.into_parts();
             upstream::strip_hop_by_hop(&mut p.headers, false);
             p.headers.remove(super::inbound::LOAD);
-            Response::from_parts(p, Either::Left(Held::new(b, None)))
+            Response::from_parts(p, Either::Left(Held::new(b, None, None)))
         }
         Err(f) => failure_answer(f),
     }

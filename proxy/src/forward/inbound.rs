@@ -59,8 +59,7 @@ impl PodLoad {
 
 /// "cpu,memory,gpu" in capacity units, as `x-neutrino-cost` carries it.
 pub fn format_cost(c: &[u64; DIMS]) -> HeaderValue {
-    let s = format!("{},{},{}", c[0], c[1], c[2]);
-    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0,0,0"))
+    crate::route::Cost { cpu_millis: c[0], memory_bytes: c[1], gpu: c[2] }.header_value()
 }
 
 fn parse_triplet(v: &HeaderValue) -> Option<[u64; DIMS]> {
@@ -142,20 +141,28 @@ async fn to_app(
     }
     let held = shared.pod_load.hold(cost);
     let h2 = parts.version == Version::HTTP_2;
-    let mut head = match upstream::prepare(&parts, &app.to_string(), h2, upgrading, false) {
-        Ok(h) => h,
-        Err(f) => return super::http::failure_answer(f),
+    // HTTP/1 to the app over its own pool; HTTP/2 (and an app on too many addresses)
+    // over hyper-util's client.
+    let conns = if h2 { None } else { shared.app_conns.get(app) };
+    let (via, uri) = match &conns {
+        Some(c) => (upstream::Via::Endpoint { conns: c, addr: app, mtls: false }, upstream::origin_form(&parts)),
+        None => match upstream::absolute_form(&parts, &app.to_string(), false) {
+            Ok(u) => (upstream::Via::Client { h2 }, u),
+            Err(f) => return super::http::failure_answer(f),
+        },
     };
+    let mut head = upstream::prepare(&mut parts, uri, h2, upgrading, false);
     // The app's own spans are children of this hop's.
     if let Some(s) = span.as_ref() {
         s.inject(&mut head.headers);
     }
-    let result = upstream::send(&shared.upstreams, h2, head, Either::Left(body), shared.settings.request_timeout).await;
+    let result =
+        upstream::send(&shared.upstreams, via, head, Either::Left(body), shared.settings.request_timeout).await;
     // The load others put on the pod, now that this request's head is answered.
     drop(held);
     let capacity = shared.mesh.load().capacity_of_pod(&shared.settings.pod);
     match result {
-        Ok(mut resp) => {
+        Ok((mut resp, reuse)) => {
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
                 && let Some(down) = downstream_upgrade
             {
@@ -171,7 +178,7 @@ async fn to_app(
             if let Some(cap) = capacity {
                 p.headers.insert(LOAD, format_load(&shared.pod_load.in_flight(), &cap));
             }
-            Response::from_parts(p, Either::Left(super::body::Held::new(b, None)))
+            Response::from_parts(p, Either::Left(super::body::Held::new(b, None, reuse)))
         }
         Err(f) => {
             let answer = super::http::failure_answer(f);

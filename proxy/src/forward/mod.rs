@@ -10,6 +10,7 @@ pub mod body;
 pub mod connect;
 pub mod http;
 pub mod inbound;
+pub mod pool;
 pub mod retry;
 pub mod tcp;
 pub mod upstream;
@@ -46,6 +47,9 @@ pub struct DataSettings {
     /// An HTTP/1 client connection quiet for this long (up to twice this long) is
     /// parked without its HTTP buffers (`accept::idle`); zero never parks.
     pub park_idle_after: Duration,
+    /// This proxy's outbound listeners (filled in once bound): a passthrough request
+    /// for one of them would loop, and is refused.
+    pub outbound_listeners: Vec<std::net::SocketAddr>,
     /// Ports where the server speaks first: never sniffed.
     pub server_first_ports: Vec<u16>,
     pub pool_idle_timeout: Duration,
@@ -64,6 +68,7 @@ impl Default for DataSettings {
             detect_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
             park_idle_after: Duration::from_secs(2),
+            outbound_listeners: Vec::new(),
             server_first_ports: crate::detect::DEFAULT_SERVER_FIRST_PORTS.to_vec(),
             pool_idle_timeout: Duration::from_secs(60),
             // Above the concurrency one caller commonly reaches (100 h2 streams): a pool
@@ -74,13 +79,17 @@ impl Default for DataSettings {
     }
 }
 
-/// Pools of upstream connections, keyed by scheme and endpoint address (so one pool
-/// per endpoint, and mTLS connections never mix with plain ones), one client per
-/// upstream protocol.
+/// How requests reach upstreams. HTTP/1 to a mesh endpoint goes through that
+/// endpoint's own pool (`pool`, held by the compiled mesh). HTTP/2 upstreams and
+/// passthrough go through hyper-util's clients, pooled by scheme and address (mTLS
+/// connections never mix with plain ones).
 #[derive(Debug, Clone)]
 pub struct Upstreams {
     pub http1: Client<connect::MeshConnector, upstream::UpstreamBody>,
     pub http2: Client<connect::MeshConnector, upstream::UpstreamBody>,
+    /// Opens the endpoint pools' connections.
+    pub connector: connect::MeshConnector,
+    pub pool: pool::PoolSettings,
 }
 
 impl Upstreams {
@@ -106,7 +115,11 @@ impl Upstreams {
             .pool_idle_timeout(s.pool_idle_timeout)
             .http2_only(true)
             .build(connector(Alpn::H2));
-        Upstreams { http1, http2 }
+        let pool = pool::PoolSettings {
+            idle_timeout: s.pool_idle_timeout,
+            max_idle_per_endpoint: s.pool_max_idle_per_endpoint,
+        };
+        Upstreams { http1, http2, connector: connector(Alpn::Http1), pool }
     }
 }
 
@@ -120,6 +133,8 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The cost in flight on this pod from all callers (inbound).
     pub pod_load: Arc<inbound::PodLoad>,
+    /// Idle connections to this pod's app (inbound), by address.
+    pub app_conns: pool::ByAddress,
     /// One record per request to a Redis Stream, when configured.
     pub request_log: Option<crate::telemetry::request_log::RequestLog>,
     /// Spans per request, when tracing is on (`telemetry::trace`).

@@ -3,6 +3,8 @@
 //! it over the pool with a deadline, and classify what came back. Upgrades (WebSocket)
 //! are spliced once both sides agree. It must not choose the address.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,6 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::Upstreams;
+use super::pool::{self, EndpointConns, Reuse};
 
 /// The body sent upstream: the client's (first attempt) or none (a retry).
 pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
@@ -32,7 +35,8 @@ pub enum Failure {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_COUNT: usize = 7;
+const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -45,16 +49,37 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers, keeping `Upgrade`/`Connection: upgrade` when an
 /// upgrade is being negotiated and `TE: trailers` (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrading && *n == header::UPGRADE))
-        .collect();
+    // Which of them are here, in one pass over the names: a hashed removal of each
+    // name costs more than the whole pass, and most messages carry one at most
+    // (`Connection: keep-alive`).
+    let mut present = [false; HOP_COUNT];
+    let mut has_upgrade = false;
+    for n in headers.keys() {
+        match HOP_BY_HOP.iter().position(|h| h == n) {
+            Some(i) => present[i] = true,
+            None => has_upgrade |= n == header::UPGRADE,
+        }
+    }
+    if !upgrading && !has_upgrade && !present.contains(&true) {
+        return;
+    }
+    // Headers the Connection header names (besides its usual tokens) are hop-by-hop too.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for t in headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
+        let t = t.trim();
+        if t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close") || t.eq_ignore_ascii_case("upgrade")
+        {
+            continue;
+        }
+        if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+            named.push(n);
+        }
+    }
     let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for h in HOP_BY_HOP.iter().chain(named.iter()) {
+    for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(h);
+    }
+    for h in &named {
         headers.remove(h);
     }
     if te_trailers {
@@ -62,7 +87,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     }
     if upgrading {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if has_upgrade {
         headers.remove(header::UPGRADE);
     }
 }
@@ -76,19 +101,13 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
-/// The request head for `target`, from the client's head. `mtls`: the target is a
-/// meshed endpoint called over mesh mTLS (the pool's connector sees `https`).
-pub fn prepare(parts: &Parts, target: &str, h2: bool, upgrading: bool, mtls: bool) -> Result<Parts, Failure> {
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri = Uri::builder()
-        .scheme(if mtls { "https" } else { "http" })
-        .authority(target)
-        .path_and_query(path)
-        .build()
-        .map_err(|e| Failure::BadTarget(format!("cannot forward to {target}: {e}")))?;
+/// The request head to send upstream, from the client's: hop-by-hop headers off, the
+/// upstream's HTTP version, `uri` as the target. `keep`: the client's head is needed
+/// again (a retry may follow), so its headers are copied rather than moved.
+pub fn prepare(parts: &mut Parts, uri: Uri, h2: bool, upgrading: bool, keep: bool) -> Parts {
     let (mut head, ()) = Request::new(()).into_parts();
     head.method = parts.method.clone();
-    head.headers = parts.headers.clone();
+    head.headers = if keep { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
     if parts.version == Version::HTTP_2 && !head.headers.contains_key(header::HOST) {
         // HTTP/1 upstreams need Host; HTTP/2 carried it as :authority.
         if let Some(a) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
@@ -98,30 +117,87 @@ pub fn prepare(parts: &Parts, target: &str, h2: bool, upgrading: bool, mtls: boo
     head.uri = uri;
     head.version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     strip_hop_by_hop(&mut head.headers, upgrading);
-    Ok(head)
+    head
 }
 
-/// Sends one request; the deadline covers the time to the response head.
+/// The request target in origin form (`/path?query`), as an endpoint's own pool sends
+/// it: no authority to parse or format per request.
+pub fn origin_form(parts: &Parts) -> Uri {
+    match parts.uri.path_and_query() {
+        Some(p) => Uri::from(p.clone()),
+        None => Uri::from_static("/"),
+    }
+}
+
+/// The request target in absolute form for hyper-util's clients, whose pools are keyed
+/// by scheme and authority. `mtls`: the connector sees `https` and speaks mesh mTLS.
+pub fn absolute_form(parts: &Parts, target: &str, mtls: bool) -> Result<Uri, Failure> {
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Uri::builder()
+        .scheme(if mtls { "https" } else { "http" })
+        .authority(target)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| Failure::BadTarget(format!("cannot forward to {target}: {e}")))
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Via<'a> {
+    /// HTTP/1 to a mesh endpoint, over that endpoint's own pool.
+    Endpoint { conns: &'a Arc<EndpointConns>, addr: SocketAddr, mtls: bool },
+    /// hyper-util's client for HTTP/2 (or HTTP/1 for passthrough); the head's URI is
+    /// in absolute form.
+    Client { h2: bool },
+}
+
+/// Sends one request; the deadline covers the time to the response head. With an
+/// endpoint's pool, also the connection to give back once the body has been read.
 pub async fn send(
     upstreams: &Upstreams,
-    h2: bool,
+    via: Via<'_>,
     head: Parts,
     body: UpstreamBody,
     timeout: Duration,
-) -> Result<Response<Incoming>, Failure> {
-    let client = if h2 { &upstreams.http2 } else { &upstreams.http1 };
-    // For error messages only: a cheap clone (shared bytes), formatted only on failure.
-    let uri = head.uri.clone();
-    match tokio::time::timeout(timeout, client.request(Request::from_parts(head, body))).await {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) if caused_by_request_body(&e) => {
-            Err(Failure::BadRequestBody(format!("request body could not be read: {}", crate::error_chain(&e))))
+) -> Result<(Response<Incoming>, Option<Reuse>), Failure> {
+    let mut req = Request::from_parts(head, body);
+    match via {
+        Via::Endpoint { conns, addr, mtls } => {
+            // hyper-util's client adds a missing Host; a bare connection does not (an
+            // HTTP/1.0 client may send none).
+            if !req.headers().contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::try_from(addr.to_string())
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            let sent = pool::send(&upstreams.connector, &upstreams.pool, conns, addr, mtls, req);
+            match tokio::time::timeout(timeout, sent).await {
+                Ok(Ok((resp, reuse))) => Ok((resp, Some(reuse))),
+                Ok(Err(pool::SendError::Connect(e))) => {
+                    Err(Failure::Connection(format!("upstream {addr} failed: connect: {}", crate::error_chain(&e))))
+                }
+                Ok(Err(pool::SendError::Http(e))) => Err(exchange_failed(&e, &addr)),
+                Err(_) => Err(Failure::Timeout(timeout)),
+            }
         }
-        Ok(Err(e)) => {
-            let target = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-            Err(Failure::Connection(format!("upstream {target} failed: {}", crate::error_chain(&e))))
+        Via::Client { h2 } => {
+            let client = if h2 { &upstreams.http2 } else { &upstreams.http1 };
+            // For error messages only: a cheap clone (shared bytes), formatted only on failure.
+            let uri = req.uri().clone();
+            match tokio::time::timeout(timeout, client.request(req)).await {
+                Ok(Ok(r)) => Ok((r, None)),
+                Ok(Err(e)) => Err(exchange_failed(&e, &uri.authority().map(|a| a.as_str()).unwrap_or_default())),
+                Err(_) => Err(Failure::Timeout(timeout)),
+            }
         }
-        Err(_) => Err(Failure::Timeout(timeout)),
+    }
+}
+
+fn exchange_failed(e: &(dyn std::error::Error + 'static), target: &dyn std::fmt::Display) -> Failure {
+    if caused_by_request_body(e) {
+        Failure::BadRequestBody(format!("request body could not be read: {}", crate::error_chain(e)))
+    } else {
+        Failure::Connection(format!("upstream {target} failed: {}", crate::error_chain(e)))
     }
 }
 
@@ -176,6 +252,18 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-app", "te"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-app"], "Upgrade without Connection");
+
+        let mut h = HeaderMap::new();
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "nothing hop-by-hop: nothing removed");
     }
 
     #[test]
@@ -189,12 +277,18 @@ mod tests {
     }
 
     #[test]
-    fn prepare_targets_the_chosen_address_in_origin_form() {
+    fn prepare_targets_the_chosen_address() {
         let (mut parts, ()) = Request::new(()).into_parts();
         parts.uri = "http://orders.shop/a/b?c=1".parse().expect("uri");
         parts.headers.insert(header::HOST, HeaderValue::from_static("orders.shop"));
-        let head = prepare(&parts, "10.1.0.7:8080", false, false, false).expect("ok");
+        let uri = absolute_form(&parts, "10.1.0.7:8080", false).expect("ok");
+        let head = prepare(&mut parts, uri, false, false, true);
         assert_eq!(head.uri.to_string(), "http://10.1.0.7:8080/a/b?c=1");
+        assert_eq!(parts.headers[header::HOST], "orders.shop", "kept for a retry");
+        let uri = origin_form(&parts);
+        let head = prepare(&mut parts, uri, false, false, false);
+        assert_eq!(head.uri.to_string(), "/a/b?c=1", "an endpoint's pool sends origin form");
+        assert!(parts.headers.is_empty(), "moved, not copied, when no retry can follow");
         assert_eq!(head.headers[header::HOST], "orders.shop", "Host is kept for the app");
         assert_eq!(head.version, Version::HTTP_11);
     }

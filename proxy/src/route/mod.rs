@@ -16,6 +16,7 @@ use std::sync::Arc;
 use neutrino_proto::{self as pb, resource::Body, type_url};
 
 use crate::config::Snapshot;
+use crate::forward::pool::EndpointConns;
 use crate::select::endpoints::{Endpoint, EndpointLoad, EndpointSet};
 use crate::telemetry::stats::RouteStats;
 pub use policy::{Authorizer, Decision};
@@ -66,6 +67,9 @@ pub struct Mesh {
     by_host: HashMap<Box<str>, u32>,
     /// Endpoint load counters by (service, address), carried across snapshots.
     loads: HashMap<(Arc<str>, SocketAddr), Arc<EndpointLoad>>,
+    /// Idle upstream connections by endpoint address, carried across snapshots: a
+    /// config change must not close them.
+    conns: HashMap<SocketAddr, Arc<EndpointConns>>,
     /// Capacity by pod name, so a proxy finds its own pod's capacity.
     pods: HashMap<Arc<str>, [u64; 3]>,
     /// The services a pod is an endpoint of (indexes into `services`), for inbound.
@@ -118,6 +122,11 @@ impl Mesh {
     /// service by name wins (a pod has one service account, so they should not).
     pub fn identity_of(&self, ip: IpAddr) -> Option<&Arc<str>> {
         self.identities.get(&ip)
+    }
+
+    /// Every endpoint's idle connections, for the reaper (`forward::pool`).
+    pub fn endpoint_conns(&self) -> impl Iterator<Item = &Arc<EndpointConns>> {
+        self.conns.values()
     }
 
     /// True once compiled from a ready config snapshot; stays true after.
@@ -186,6 +195,7 @@ impl Mesh {
             apply_reports(&entry, report);
             for e in &entry.endpoints.endpoints {
                 mesh.loads.insert((Arc::clone(&entry.key), e.addr), Arc::clone(&e.load));
+                mesh.conns.entry(e.addr).or_insert_with(|| Arc::clone(&e.conns));
                 if let Some(id) = &e.identity {
                     mesh.identities.entry(e.addr.ip()).or_insert_with(|| Arc::clone(id));
                 }
@@ -277,6 +287,7 @@ fn compile_service(
                         zone: Arc::from(ep.zone.as_str()),
                         identity: (!ep.identity.is_empty()).then(|| Arc::from(ep.identity.as_str())),
                         load,
+                        conns: previous.conns.get(&addr).cloned().unwrap_or_default(),
                     })
                 })
                 .collect()

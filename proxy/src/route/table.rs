@@ -26,6 +26,13 @@ impl Cost {
     pub fn as_array(&self) -> [u64; 3] {
         [self.cpu_millis, self.memory_bytes, self.gpu]
     }
+
+    /// The cost as the `x-neutrino-cost` header value ("cpu,memory,gpu"), which the
+    /// endpoint's proxy parses back.
+    pub fn header_value(&self) -> http::HeaderValue {
+        let [c, m, g] = self.as_array();
+        http::HeaderValue::try_from(format!("{c},{m},{g}")).unwrap_or(http::HeaderValue::from_static("0,0,0"))
+    }
 }
 
 impl From<pb::ResourceVector> for Cost {
@@ -40,6 +47,8 @@ pub struct Operation {
     pub operation_id: Arc<str>,
     pub path_template: Arc<str>,
     pub cost: Cost,
+    /// `cost` formatted once, as every request sent upstream carries it.
+    pub cost_header: http::HeaderValue,
     /// None: the proxy's default request timeout.
     pub timeout: Option<Duration>,
     pub retryable: bool,
@@ -127,6 +136,7 @@ impl RouteTable {
             operation_id: Arc::from(""),
             path_template: Arc::from(""),
             cost: default_cost,
+            cost_header: default_cost.header_value(),
             timeout: None,
             retryable: false,
             stats: Arc::default(),
@@ -134,10 +144,12 @@ impl RouteTable {
         let mut t = RouteTable { nodes: vec![Node::default()], ops: Vec::new(), default };
         for r in routes {
             let op = t.ops.len() as u32;
+            let cost = r.cost.map(Cost::from).unwrap_or(default_cost);
             t.ops.push(Operation {
                 operation_id: Arc::from(r.operation_id.as_str()),
                 path_template: Arc::from(r.path_template.as_str()),
-                cost: r.cost.map(Cost::from).unwrap_or(default_cost),
+                cost,
+                cost_header: cost.header_value(),
                 timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
                 retryable: r.retryable,
                 stats: Arc::default(),

@@ -227,6 +227,9 @@ pub struct Endpoint {
     /// The SPIFFE id the endpoint's proxy presents; `None`: not meshed (plaintext).
     pub identity: Option<Arc<str>>,
     pub load: Arc<EndpointLoad>,
+    /// Its idle upstream connections: forward's, carried here so that a request finds
+    /// them through its chosen endpoint. Selection never looks at them.
+    pub conns: Arc<crate::forward::pool::EndpointConns>,
 }
 
 /// A service's endpoints, compiled once per `Endpoints` version.
@@ -361,6 +364,7 @@ mod tests {
                     zone: Arc::from(""),
                     identity: None,
                     load: Arc::default(),
+                    conns: Arc::default(),
                 })
                 .collect(),
         )
