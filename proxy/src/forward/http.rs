@@ -203,10 +203,11 @@ async fn forward_to_service(
             shared.metrics.security.outbound_plaintext_to_meshed.inc();
         }
         let may_retry = retryable && attempt < MAX_ATTEMPTS;
-        // HTTP/1 goes over the endpoint's own pool; HTTP/2 over hyper-util's client.
+        // Over the endpoint's own connections: HTTP/2 needs the absolute form (its
+        // :scheme and :authority), HTTP/1 sends the origin form.
         let (via, uri) = if h2 {
             match upstream::absolute_form(&parts, &target.to_string(), mtls) {
-                Ok(u) => (Via::Client { h2 }, u),
+                Ok(u) => (Via::EndpointH2 { conns: &endpoint.conns, addr: target, mtls }, u),
                 Err(f) => return logged(shared, &svc, op, started, log, failure_answer(f)),
             }
         } else {

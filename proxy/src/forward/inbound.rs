@@ -141,13 +141,16 @@ async fn to_app(
     }
     let held = shared.pod_load.hold(cost);
     let h2 = parts.version == Version::HTTP_2;
-    // HTTP/1 to the app over its own pool; HTTP/2 (and an app on too many addresses)
-    // over hyper-util's client.
-    let conns = if h2 { None } else { shared.app_conns.get(app) };
+    // To the app over its own connections (HTTP/1 pooled, HTTP/2 shared); an app on
+    // too many addresses over hyper-util's client.
+    let conns = shared.app_conns.get(app);
     let (via, uri) = match &conns {
-        Some(c) => (upstream::Via::Endpoint { conns: c, addr: app, mtls: false }, upstream::origin_form(&parts)),
-        None => match upstream::absolute_form(&parts, &app.to_string(), false) {
-            Ok(u) => (upstream::Via::Client { h2 }, u),
+        Some(c) if !h2 => (upstream::Via::Endpoint { conns: c, addr: app, mtls: false }, upstream::origin_form(&parts)),
+        _ => match upstream::absolute_form(&parts, &app.to_string(), false) {
+            Ok(u) => match &conns {
+                Some(c) => (upstream::Via::EndpointH2 { conns: c, addr: app, mtls: false }, u),
+                None => (upstream::Via::Client { h2 }, u),
+            },
             Err(f) => return super::http::failure_answer(f),
         },
     };

@@ -79,16 +79,17 @@ impl Default for DataSettings {
     }
 }
 
-/// How requests reach upstreams. HTTP/1 to a mesh endpoint goes through that
-/// endpoint's own pool (`pool`, held by the compiled mesh). HTTP/2 upstreams and
-/// passthrough go through hyper-util's clients, pooled by scheme and address (mTLS
-/// connections never mix with plain ones).
+/// How requests reach upstreams. A mesh endpoint (or the local app) is reached
+/// through its own connections (`pool`, held by the compiled mesh): idle HTTP/1 ones,
+/// or one shared HTTP/2 connection. Passthrough goes through hyper-util's clients,
+/// pooled by scheme and address.
 #[derive(Debug, Clone)]
 pub struct Upstreams {
     pub http1: Client<connect::MeshConnector, upstream::UpstreamBody>,
     pub http2: Client<connect::MeshConnector, upstream::UpstreamBody>,
-    /// Opens the endpoint pools' connections.
+    /// Opens the endpoint pools' HTTP/1 and HTTP/2 connections (ALPN differs with mTLS).
     pub connector: connect::MeshConnector,
+    pub connector_h2: connect::MeshConnector,
     pub pool: pool::PoolSettings,
 }
 
@@ -119,7 +120,7 @@ impl Upstreams {
             idle_timeout: s.pool_idle_timeout,
             max_idle_per_endpoint: s.pool_max_idle_per_endpoint,
         };
-        Upstreams { http1, http2, connector: connector(Alpn::Http1), pool }
+        Upstreams { http1, http2, connector: connector(Alpn::Http1), connector_h2: connector(Alpn::H2), pool }
     }
 }
 

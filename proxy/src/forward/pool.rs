@@ -1,5 +1,6 @@
-//! Pool: idle HTTP/1 connections to the mesh's endpoints, kept per endpoint address
-//! and per scheme (plaintext and mesh mTLS never mix).
+//! Pool: connections to the mesh's endpoints, kept per endpoint address and per scheme
+//! (plaintext and mesh mTLS never mix): idle HTTP/1 connections, and one shared HTTP/2
+//! connection (its streams multiplexed).
 //!
 //! The compiled mesh gives every endpoint its `EndpointConns`, carried across config
 //! snapshots by address, so a request reaches its pool through the endpoint it was
@@ -7,32 +8,40 @@
 //! connection goes back when the response body has ended (`Reuse::give_back`), not
 //! before. A pooled connection that closed while idle hands the request back unsent,
 //! and it goes out on another one. It must not choose endpoints or read requests
-//! beyond sending them; HTTP/2 upstreams and passthrough keep hyper-util's client.
+//! beyond sending them; passthrough keeps hyper-util's client.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use crossbeam_queue::SegQueue;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::TokioExecutor;
 
 use super::connect::MeshConnector;
 use super::upstream::UpstreamBody;
 
-/// One endpoint's idle connections.
+/// One endpoint's connections.
 #[derive(Debug, Default)]
 pub struct EndpointConns {
     plain: Idle,
     mtls: Idle,
+    /// The HTTP/2 connection every HTTP/2 request to the endpoint shares, once made.
+    h2_plain: ArcSwapOption<http2::SendRequest<UpstreamBody>>,
+    h2_mtls: ArcSwapOption<http2::SendRequest<UpstreamBody>>,
 }
 
 impl EndpointConns {
     fn side(&self, mtls: bool) -> &Idle {
         if mtls { &self.mtls } else { &self.plain }
+    }
+
+    fn h2_side(&self, mtls: bool) -> &ArcSwapOption<http2::SendRequest<UpstreamBody>> {
+        if mtls { &self.h2_mtls } else { &self.h2_plain }
     }
 
     /// Idle connections now (both schemes), for tests and the admin view.
@@ -44,6 +53,11 @@ impl EndpointConns {
     /// rest stay, in their order. Requests running meanwhile may open a connection
     /// instead of finding one of those being looked at: harmless.
     pub fn reap(&self, idle_timeout: Duration) {
+        for h2 in [&self.h2_plain, &self.h2_mtls] {
+            if h2.load().as_ref().is_some_and(|s| s.is_closed()) {
+                h2.store(None);
+            }
+        }
         for side in [&self.plain, &self.mtls] {
             for _ in 0..side.len.load(Ordering::Relaxed) {
                 let Some(c) = side.pop() else { break };
@@ -200,9 +214,12 @@ pub async fn send(
             },
         }
     }
-    let io = connector.open(addr, mtls).await.map_err(SendError::Connect)?;
-    let (mut send, conn) =
-        http1::Builder::new().handshake(io).await.map_err(|e| SendError::Connect(std::io::Error::other(e)))?;
+    // Boxed: connecting (TLS included) is a large state, rarely entered; unboxed, every
+    // request's future would be that large, and be copied that much as it is moved.
+    let io = Box::pin(connector.open(addr, mtls)).await.map_err(SendError::Connect)?;
+    let (mut send, conn) = Box::pin(http1::Builder::new().handshake(io))
+        .await
+        .map_err(|e| SendError::Connect(std::io::Error::other(e)))?;
     tokio::spawn(async move {
         // Upgrades (WebSocket) take the connection over; it is never pooled then.
         if let Err(e) = conn.with_upgrades().await {
@@ -213,6 +230,43 @@ pub async fn send(
         Ok(resp) => Ok((resp, reuse(send))),
         Err(e) => Err(SendError::Http(e)),
     }
+}
+
+/// Sends `req` to `addr` over the endpoint's shared HTTP/2 connection, made first if
+/// there is none or it closed. `connector` speaks h2 (ALPN) when `mtls`.
+pub async fn send_h2(
+    connector: &MeshConnector,
+    conns: &EndpointConns,
+    addr: SocketAddr,
+    mtls: bool,
+    mut req: Request<UpstreamBody>,
+) -> Result<Response<Incoming>, SendError> {
+    let slot = conns.h2_side(mtls);
+    let shared = slot.load_full();
+    if let Some(s) = shared.as_deref().filter(|s| !s.is_closed()) {
+        match s.clone().try_send_request(req).await {
+            Ok(resp) => return Ok(resp),
+            // Refused before a frame was written (the connection was closing): on a new one.
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => req = unsent,
+                None => return Err(SendError::Http(e.into_error())),
+            },
+        }
+    }
+    // Boxed for the same reason as in `send`. Requests that find no connection at the
+    // same moment each make one; the last one stored is shared, the others close once
+    // their own request is done.
+    let io = Box::pin(connector.open(addr, mtls)).await.map_err(SendError::Connect)?;
+    let (send, conn) = Box::pin(http2::Builder::new(TokioExecutor::new()).handshake(io))
+        .await
+        .map_err(|e| SendError::Connect(std::io::Error::other(e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("forward: upstream HTTP/2 connection to {addr} ended: {e}");
+        }
+    });
+    slot.store(Some(Arc::new(send.clone())));
+    send.clone().send_request(req).await.map_err(SendError::Http)
 }
 
 #[cfg(test)]
@@ -316,6 +370,51 @@ mod tests {
             }
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3, "each request on a new connection; none failed");
+    }
+
+    /// A real HTTP/2 server (prior knowledge) on loopback counting its connections.
+    async fn h2_backend() -> (SocketAddr, Arc<AtomicU32>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicU32::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("h2"))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection_and_a_closed_one_is_replaced() {
+        let (addr, accepted) = h2_backend().await;
+        let conns = EndpointConns::default();
+        let h2_get = || {
+            let uri = format!("http://{addr}/x");
+            Request::builder().uri(uri).body(Either::Right(Empty::<Bytes>::new())).expect("req")
+        };
+        let c = connector();
+        let calls = (0..20).map(|_| send_h2(&c, &conns, addr, false, h2_get()));
+        // The first makes the connection; the rest, sent after it, share it.
+        let first = send_h2(&c, &conns, addr, false, h2_get()).await.expect("first");
+        assert_eq!(first.into_body().collect().await.expect("body").to_bytes(), "h2");
+        for r in futures::future::join_all(calls).await {
+            assert_eq!(r.expect("sent").status(), 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "21 requests, one HTTP/2 connection");
+        // The connection goes away (as when the server restarts): the next request makes another.
+        conns.h2_plain.store(None);
+        send_h2(&c, &conns, addr, false, h2_get()).await.expect("after");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

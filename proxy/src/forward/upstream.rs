@@ -36,7 +36,7 @@ pub enum Failure {
 
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
 const HOP_COUNT: usize = 7;
-const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
+static HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -144,8 +144,10 @@ pub fn absolute_form(parts: &Parts, target: &str, mtls: bool) -> Result<Uri, Fai
 /// Where a request goes.
 #[derive(Debug, Clone, Copy)]
 pub enum Via<'a> {
-    /// HTTP/1 to a mesh endpoint, over that endpoint's own pool.
+    /// HTTP/1 to a mesh endpoint (or the app), over that endpoint's own pool.
     Endpoint { conns: &'a Arc<EndpointConns>, addr: SocketAddr, mtls: bool },
+    /// HTTP/2 to a mesh endpoint (or the app), over its shared connection.
+    EndpointH2 { conns: &'a EndpointConns, addr: SocketAddr, mtls: bool },
     /// hyper-util's client for HTTP/2 (or HTTP/1 for passthrough); the head's URI is
     /// in absolute form.
     Client { h2: bool },
@@ -173,6 +175,17 @@ pub async fn send(
             let sent = pool::send(&upstreams.connector, &upstreams.pool, conns, addr, mtls, req);
             match tokio::time::timeout(timeout, sent).await {
                 Ok(Ok((resp, reuse))) => Ok((resp, Some(reuse))),
+                Ok(Err(pool::SendError::Connect(e))) => {
+                    Err(Failure::Connection(format!("upstream {addr} failed: connect: {}", crate::error_chain(&e))))
+                }
+                Ok(Err(pool::SendError::Http(e))) => Err(exchange_failed(&e, &addr)),
+                Err(_) => Err(Failure::Timeout(timeout)),
+            }
+        }
+        Via::EndpointH2 { conns, addr, mtls } => {
+            let sent = pool::send_h2(&upstreams.connector_h2, conns, addr, mtls, req);
+            match tokio::time::timeout(timeout, sent).await {
+                Ok(Ok(resp)) => Ok((resp, None)),
                 Ok(Err(pool::SendError::Connect(e))) => {
                     Err(Failure::Connection(format!("upstream {addr} failed: connect: {}", crate::error_chain(&e))))
                 }
