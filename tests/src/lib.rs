@@ -457,3 +457,28 @@ pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
         (key == want).then(|| value.parse().ok()).flatten()
     })
 }
+
+/// Reads one HTTP/1.1 response off a raw connection (its head, then a Content-Length
+/// body), byte by byte so that nothing after it is consumed; panics if the connection
+/// closes in the head or stays silent for 10 s.
+pub async fn read_response(s: &mut tokio::net::TcpStream) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("a response within 10 s")
+            .expect("read");
+        assert_eq!(n, 1, "the connection closed in a response head: {}", String::from_utf8_lossy(&buf));
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).expect("utf-8 head");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.expect("the body");
+    (head, String::from_utf8(body).expect("utf-8 body"))
+}

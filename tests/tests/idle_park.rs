@@ -16,25 +16,6 @@ use tokio::net::TcpStream;
 
 const SPEC: &str = "openapi: 3.0.3\ninfo: {title: web, version: '1'}\npaths:\n  /items/{id}:\n    get:\n      operationId: getItem\n      responses: {'200': {description: ok}}\n";
 
-/// Reads one response (head and a Content-Length body); returns the head and the body.
-async fn response(s: &mut TcpStream) -> (String, String) {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await.unwrap().unwrap();
-        assert_eq!(n, 1, "the connection closed in a response head: {}", String::from_utf8_lossy(&buf));
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8(buf).unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await.unwrap();
-    (head, String::from_utf8(body).unwrap())
-}
-
 async fn parked(proxy: &Proxy) -> f64 {
     let (_, text) = get(proxy.admin, "/metrics").await.unwrap();
     metric(&text, "neutrino_proxy_parked_connections", "").unwrap_or(-1.0)
@@ -62,13 +43,13 @@ async fn a_quiet_connection_is_parked_and_served_again_on_the_same_socket() {
     let (app, _mesh, _cp, proxy) = mesh().await;
     let mut s = TcpStream::connect(("127.0.0.1", proxy.outbound)).await.unwrap();
     s.write_all(b"GET http://web.default/items/1 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
-    let (head, body) = response(&mut s).await;
+    let (head, body) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("\"path\":\"/items/1\""), "{body}");
     wait_parked(&proxy, 1.0).await;
 
     s.write_all(b"GET http://web.default/items/2 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
-    let (head, body) = response(&mut s).await;
+    let (head, body) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("\"path\":\"/items/2\""), "after parking: {body}");
     wait_parked(&proxy, 1.0).await;
@@ -76,17 +57,17 @@ async fn a_quiet_connection_is_parked_and_served_again_on_the_same_socket() {
     // An upgrade on the connection hyper serves after parking: a CONNECT tunnel to the app.
     let connect = format!("CONNECT 127.0.0.1:{0} HTTP/1.1\r\nHost: 127.0.0.1:{0}\r\n\r\n", app.port);
     s.write_all(connect.as_bytes()).await.unwrap();
-    let (head, _) = response(&mut s).await;
+    let (head, _) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     s.write_all(b"GET /through/the/tunnel HTTP/1.1\r\nHost: app\r\n\r\n").await.unwrap();
-    let (head, body) = response(&mut s).await;
+    let (head, body) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200") && body.contains("/through/the/tunnel"), "{head}{body}");
     wait_parked(&proxy, 0.0).await;
 
     // A parked connection the client closes is let go.
     let mut other = TcpStream::connect(("127.0.0.1", proxy.outbound)).await.unwrap();
     other.write_all(b"GET http://web.default/items/3 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
-    assert!(response(&mut other).await.0.starts_with("HTTP/1.1 200"));
+    assert!(read_response(&mut other).await.0.starts_with("HTTP/1.1 200"));
     wait_parked(&proxy, 1.0).await;
     drop(other);
     wait_parked(&proxy, 0.0).await;
@@ -97,14 +78,14 @@ async fn a_request_head_split_around_idle_periods_is_not_lost() {
     let (_app, _mesh, _cp, proxy) = mesh().await;
     let mut s = TcpStream::connect(("127.0.0.1", proxy.outbound)).await.unwrap();
     s.write_all(b"GET http://web.default/items/1 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
-    assert!(response(&mut s).await.0.starts_with("HTTP/1.1 200"));
+    assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
     wait_parked(&proxy, 1.0).await;
     // The client itself pauses mid-head for three idle periods: the scenario, not a wait
     // for the proxy. The proxy takes the half head out of hyper and hands it to the next.
     s.write_all(b"GET http://web.default/items/7 HTTP/1.1\r\nHo").await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     s.write_all(b"st: web.default\r\n\r\n").await.unwrap();
-    let (head, body) = response(&mut s).await;
+    let (head, body) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("\"path\":\"/items/7\""), "{body}");
 }
@@ -115,12 +96,12 @@ async fn a_response_slower_than_the_idle_period_is_neither_cut_nor_closed() {
     let mut s = TcpStream::connect(("127.0.0.1", proxy.outbound)).await.unwrap();
     // The app answers after 900 ms: four idle periods with no byte moving.
     s.write_all(b"GET http://web.default/delay/900 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
-    let (head, body) = response(&mut s).await;
+    let (head, body) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(!head.to_ascii_lowercase().contains("connection: close"), "keep-alive kept: {head}");
     assert!(body.contains("\"path\":\"/delay/900\""), "{body}");
     s.write_all(b"GET http://web.default/items/2 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
-    assert!(response(&mut s).await.1.contains("/items/2"));
+    assert!(read_response(&mut s).await.1.contains("/items/2"));
 }
 
 #[tokio::test]

@@ -19,21 +19,7 @@ const SPEC: &str = "openapi: 3.0.3\ninfo: {title: web, version: '1'}\npaths:\n  
 /// Sends `GET path` and reads the response (head and a Content-Length body).
 async fn get_on(s: &mut TcpStream, path: &str) -> (String, String) {
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: web.default\r\n\r\n").as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await.unwrap().unwrap();
-        assert_eq!(n, 1, "the connection closed in a response head: {}", String::from_utf8_lossy(&buf));
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8(buf).unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await.unwrap();
-    (head, String::from_utf8(body).unwrap())
+    read_response(s).await
 }
 
 async fn wait_parked(proxy: &Proxy, n: f64) {

@@ -281,9 +281,16 @@ mod tests {
     use hyper_util::rt::TokioIo;
     use tokio::net::TcpListener;
 
-    /// A real HTTP/1 server on loopback counting the connections it accepted; with
-    /// `close_after_one`, each connection serves one request and closes.
-    async fn backend(close_after_one: bool) -> (SocketAddr, Arc<AtomicU32>) {
+    #[derive(Clone, Copy)]
+    enum Serve {
+        /// HTTP/1; with `close_after_one`, each connection serves one request and closes.
+        Http1 { close_after_one: bool },
+        /// HTTP/2 with prior knowledge.
+        Http2,
+    }
+
+    /// A real server on loopback answering "ok", counting the connections it accepted.
+    async fn backend(serve: Serve) -> (SocketAddr, Arc<AtomicU32>) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let accepted = Arc::new(AtomicU32::new(0));
@@ -295,10 +302,17 @@ mod tests {
                     let svc = service_fn(|_req| async {
                         Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
                     });
-                    let _ = server::Builder::new()
-                        .keep_alive(!close_after_one)
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+                    let io = TokioIo::new(s);
+                    let _ = match serve {
+                        Serve::Http1 { close_after_one } => {
+                            server::Builder::new().keep_alive(!close_after_one).serve_connection(io, svc).await
+                        }
+                        Serve::Http2 => {
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, svc)
+                                .await
+                        }
+                    };
                 });
             }
         });
@@ -342,7 +356,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_given_back_serves_the_next_request() {
-        let (addr, accepted) = backend(false).await;
+        let (addr, accepted) = backend(Serve::Http1 { close_after_one: false }).await;
         let (s, conns) = (settings(8), Arc::new(EndpointConns::default()));
         for _ in 0..3 {
             exchange(&s, &conns, addr, true).await.expect("reuse").give_back();
@@ -353,7 +367,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_not_given_back_is_not_reused() {
-        let (addr, accepted) = backend(false).await;
+        let (addr, accepted) = backend(Serve::Http1 { close_after_one: false }).await;
         let (s, conns) = (settings(8), Arc::new(EndpointConns::default()));
         exchange(&s, &conns, addr, false).await;
         exchange(&s, &conns, addr, true).await.expect("reuse").give_back();
@@ -362,7 +376,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_server_closed_is_skipped_and_the_request_still_goes() {
-        let (addr, accepted) = backend(true).await;
+        let (addr, accepted) = backend(Serve::Http1 { close_after_one: true }).await;
         let (s, conns) = (settings(8), Arc::new(EndpointConns::default()));
         for _ in 0..3 {
             if let Some(r) = exchange(&s, &conns, addr, true).await {
@@ -372,31 +386,9 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3, "each request on a new connection; none failed");
     }
 
-    /// A real HTTP/2 server (prior knowledge) on loopback counting its connections.
-    async fn h2_backend() -> (SocketAddr, Arc<AtomicU32>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicU32::new(0));
-        let count = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = service_fn(|_req| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("h2"))))
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        (addr, accepted)
-    }
-
     #[tokio::test]
     async fn http2_requests_share_one_connection_and_a_closed_one_is_replaced() {
-        let (addr, accepted) = h2_backend().await;
+        let (addr, accepted) = backend(Serve::Http2).await;
         let conns = EndpointConns::default();
         let h2_get = || {
             let uri = format!("http://{addr}/x");
@@ -406,7 +398,7 @@ mod tests {
         let calls = (0..20).map(|_| send_h2(&c, &conns, addr, false, h2_get()));
         // The first makes the connection; the rest, sent after it, share it.
         let first = send_h2(&c, &conns, addr, false, h2_get()).await.expect("first");
-        assert_eq!(first.into_body().collect().await.expect("body").to_bytes(), "h2");
+        assert_eq!(first.into_body().collect().await.expect("body").to_bytes(), "ok");
         for r in futures::future::join_all(calls).await {
             assert_eq!(r.expect("sent").status(), 200);
         }
@@ -419,7 +411,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_pool_keeps_at_most_max_idle_and_reaps_the_stale() {
-        let (addr, accepted) = backend(false).await;
+        let (addr, accepted) = backend(Serve::Http1 { close_after_one: false }).await;
         let (s, conns) = (settings(2), Arc::new(EndpointConns::default()));
         // Three in flight at once: three connections, of which two are kept.
         let mut held = Vec::new();
