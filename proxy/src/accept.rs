@@ -94,7 +94,8 @@ fn new_lot<T>(shared: &Shared, side: &str) -> Option<Arc<park::Lot<T>>> {
         return None;
     }
     let data = &shared.metrics.data;
-    match park::Lot::new(data.parked_connections.clone(), data.connection_parks.clone()) {
+    let idle_limit = Some(shared.settings.client_idle_timeout).filter(|t| !t.is_zero());
+    match park::Lot::new(data.parked_connections.clone(), data.connection_parks.clone(), idle_limit) {
         Ok(lot) => Some(Arc::new(lot)),
         Err(e) => {
             tracing::warn!("{side}: quiet connections wait in their own tasks (no epoll set: {e})");

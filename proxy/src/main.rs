@@ -67,6 +67,10 @@ struct Args {
     /// buffers until the client sends again; 0 keeps them.
     #[arg(long, default_value_t = 2_000)]
     park_idle_after_ms: u64,
+    /// A parked client connection (see --park-idle-after-ms) quiet this long (seconds)
+    /// is closed, as a server closes an idle keep-alive connection; 0 never closes one.
+    #[arg(long, default_value_t = 3600)]
+    client_idle_timeout_secs: u64,
     /// This proxy's pod (downward API), for its node identity.
     #[arg(long, env = "NEUTRINO_POD_NAME", default_value = "")]
     pod: String,
@@ -166,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
         park_idle_after: Duration::from_millis(args.park_idle_after_ms),
+        client_idle_timeout: Duration::from_secs(args.client_idle_timeout_secs),
         server_first_ports: args
             .no_sniff_ports
             .clone()

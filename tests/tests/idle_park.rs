@@ -132,3 +132,24 @@ async fn a_head_trickling_in_across_parkings_still_meets_the_header_timeout() {
     assert!(closed, "the proxy kept a trickling request head open for {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(3), "closed only after {:?}", started.elapsed());
 }
+
+/// A client that goes quiet and never comes back does not hold its connection (and a
+/// descriptor) for ever: past `--client-idle-timeout-secs` the parked connection is closed.
+#[tokio::test]
+async fn a_connection_quiet_past_the_client_idle_timeout_is_closed() {
+    let app = Backend::start("web-0").await;
+    let mesh = WebMesh::new(SPEC, &[(app.port, "web-0")]);
+    let cp = ControlPlane::start(&mesh.path(), &[]);
+    let proxy = Proxy::start_with(cp.grpc, &["--park-idle-after-ms", "200", "--client-idle-timeout-secs", "1"]);
+    proxy.wait_ready().await;
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.outbound)).await.unwrap();
+    s.write_all(b"GET http://web.default/items/1 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
+    assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
+    let answered = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "still open 10 s after the last response");
+    assert!(rest.is_empty(), "closed without a word: {}", String::from_utf8_lossy(&rest));
+    assert!(answered.elapsed() >= Duration::from_secs(1), "closed before the timeout: {:?}", answered.elapsed());
+    wait_parked(&proxy, 0.0).await;
+}

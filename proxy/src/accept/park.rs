@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 use prometheus_client::metrics::counter::Counter;
@@ -29,10 +30,13 @@ use tokio::net::TcpStream;
 pub(super) struct Lot<T> {
     /// Readable (for tokio) when any parked socket is: a level-triggered epoll set of them.
     epoll: AsyncFd<sys::Set>,
-    /// By descriptor, which stays unique while the socket is held here.
-    parked: Mutex<HashMap<RawFd, (std::net::TcpStream, T)>>,
+    /// By descriptor, which stays unique while the socket is held here; with when it
+    /// was parked.
+    parked: Mutex<HashMap<RawFd, (std::net::TcpStream, T, Instant)>>,
     gauge: Gauge,
     parks: Counter,
+    /// A socket parked this long is closed (`--client-idle-timeout-secs`); None: never.
+    idle_limit: Option<Duration>,
 }
 
 /// What wakes a parked socket: bytes to read, or the client closing (which the next
@@ -40,9 +44,10 @@ pub(super) struct Lot<T> {
 const WAKE: EpollFlags = EpollFlags::EPOLLIN.union(EpollFlags::EPOLLRDHUP);
 
 impl<T> Lot<T> {
-    /// `gauge` counts the connections parked now, `parks` every parking.
-    pub fn new(gauge: Gauge, parks: Counter) -> io::Result<Self> {
-        Ok(Lot { epoll: sys::create()?, parked: Mutex::new(HashMap::new()), gauge, parks })
+    /// `gauge` counts the connections parked now, `parks` every parking; a socket
+    /// parked for `idle_limit` is closed.
+    pub fn new(gauge: Gauge, parks: Counter, idle_limit: Option<Duration>) -> io::Result<Self> {
+        Ok(Lot { epoll: sys::create()?, parked: Mutex::new(HashMap::new()), gauge, parks, idle_limit })
     }
 
     /// Takes `socket` out of tokio into the lot. Gives it back, with `resume`, when the
@@ -59,7 +64,7 @@ impl<T> Lot<T> {
         // Deregisters it from tokio's own epoll set; it stays non-blocking.
         match socket.into_std() {
             Ok(socket) => {
-                parked.insert(fd, (socket, resume));
+                parked.insert(fd, (socket, resume, Instant::now()));
                 self.gauge.inc();
                 self.parks.inc();
             }
@@ -70,12 +75,24 @@ impl<T> Lot<T> {
         None
     }
 
-    /// Hands every socket that becomes readable to `resume`, registered with tokio again.
-    /// Runs for as long as the lot serves its listener.
+    /// Hands every socket that becomes readable to `resume`, registered with tokio again,
+    /// and closes those parked past the idle limit. Runs for as long as the lot serves its
+    /// listener.
     pub async fn run(&self, mut resume: impl FnMut(TcpStream, T)) {
         let mut events = [EpollEvent::empty(); 64];
+        // A sweep every quarter of the limit: a socket is closed within 1.25 times it.
+        let period = self.idle_limit.map_or(Duration::from_secs(3600), |l| (l / 4).max(Duration::from_millis(10)));
+        let mut sweep = tokio::time::interval(period);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut ready = match self.epoll.readable().await {
+            let readable = tokio::select! {
+                r = self.epoll.readable() => r,
+                _ = sweep.tick() => {
+                    self.close_idle();
+                    continue;
+                }
+            };
+            let mut ready = match readable {
                 Ok(r) => r,
                 Err(e) => return tracing::error!("parked connections are no longer watched: {e}"),
             };
@@ -88,7 +105,7 @@ impl<T> Lot<T> {
             };
             for event in &events[..n] {
                 // The key given at EPOLL_CTL_ADD: the descriptor.
-                let Some((socket, t)) = RawFd::try_from(event.data()).ok().and_then(|fd| self.take(fd)) else {
+                let Some((socket, t, _)) = RawFd::try_from(event.data()).ok().and_then(|fd| self.take(fd)) else {
                     continue;
                 };
                 match TcpStream::from_std(socket) {
@@ -105,7 +122,25 @@ impl<T> Lot<T> {
         self.parked.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    fn take(&self, fd: RawFd) -> Option<(std::net::TcpStream, T)> {
+    /// Closes the sockets parked longer than the idle limit, as a server closes a
+    /// keep-alive connection that has been quiet too long: otherwise clients that never
+    /// come back would hold descriptors for ever.
+    fn close_idle(&self) {
+        let Some(limit) = self.idle_limit else { return };
+        let stale: Vec<RawFd> = {
+            let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            parked.iter().filter(|(_, (_, _, since))| since.elapsed() >= limit).map(|(fd, _)| *fd).collect()
+        };
+        for fd in &stale {
+            // Dropped here: the socket closes.
+            self.take(*fd);
+        }
+        if !stale.is_empty() {
+            tracing::debug!("closed {} connections parked longer than {limit:?}", stale.len());
+        }
+    }
+
+    fn take(&self, fd: RawFd) -> Option<(std::net::TcpStream, T, Instant)> {
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
         let entry = parked.remove(&fd)?;
         // Out of the set before tokio registers it (level-triggered: it would be reported
@@ -189,7 +224,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_parked_socket_comes_back_when_its_client_sends_or_closes() {
-        let lot = std::sync::Arc::new(Lot::new(Gauge::default(), Counter::default()).unwrap());
+        let lot = std::sync::Arc::new(Lot::new(Gauge::default(), Counter::default(), None).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut back) = tokio::sync::mpsc::unbounded_channel();
@@ -236,5 +271,26 @@ mod tests {
         assert_eq!(gauge.get(), 0);
         let mut client = client;
         assert_eq!(client.read(&mut buf).await.unwrap(), 0, "closed with the lot");
+    }
+
+    #[tokio::test]
+    async fn a_socket_parked_past_the_idle_limit_is_closed() {
+        let limit = Duration::from_millis(300);
+        let lot = std::sync::Arc::new(Lot::new(Gauge::default(), Counter::default(), Some(limit)).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let parked_at = Instant::now();
+        assert!(lot.park(listener.accept().await.unwrap().0, ()).is_none());
+        let runner = tokio::spawn({
+            let lot = std::sync::Arc::clone(&lot);
+            async move { lot.run(|_, ()| panic!("the client never sent")).await }
+        });
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await;
+        assert_eq!(read.expect("closed within 5 s").unwrap(), 0, "closed by the lot");
+        let waited = parked_at.elapsed();
+        assert!(waited >= limit, "closed after {waited:?}, before the limit {limit:?}");
+        assert_eq!((lot.len(), lot.gauge.get()), (0, 0));
+        runner.abort();
     }
 }

@@ -47,6 +47,8 @@ pub struct DataSettings {
     /// An HTTP/1 client connection quiet for this long (up to twice this long) is
     /// parked without its HTTP buffers (`accept::idle`); zero never parks.
     pub park_idle_after: Duration,
+    /// A parked client connection quiet this long is closed; zero never closes one.
+    pub client_idle_timeout: Duration,
     /// This proxy's outbound listeners (filled in once bound): a passthrough request
     /// for one of them would loop, and is refused.
     pub outbound_listeners: Vec<std::net::SocketAddr>,
@@ -68,6 +70,9 @@ impl Default for DataSettings {
             detect_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
             park_idle_after: Duration::from_secs(2),
+            // Envoy's default for HTTP connections: long enough for any client that means
+            // to come back, short of holding a descriptor for ever.
+            client_idle_timeout: Duration::from_secs(3600),
             outbound_listeners: Vec::new(),
             server_first_ports: crate::detect::DEFAULT_SERVER_FIRST_PORTS.to_vec(),
             pool_idle_timeout: Duration::from_secs(60),
