@@ -482,3 +482,14 @@ pub async fn read_response(s: &mut tokio::net::TcpStream) -> (String, String) {
     s.read_exact(&mut body).await.expect("the body");
     (head, String::from_utf8(body).expect("utf-8 body"))
 }
+
+/// Waits (up to 10 s) until the proxy with admin port `admin` says `n` connections are
+/// parked (`neutrino_proxy_parked_connections`).
+pub async fn wait_parked(admin: u16, n: f64) {
+    wait_for(&format!("{n} parked connections"), Duration::from_secs(10), || async {
+        let (_, text) = get(admin, "/metrics").await?;
+        let now = metric(&text, "neutrino_proxy_parked_connections", "").unwrap_or(-1.0);
+        if now == n { Ok(()) } else { Err(anyhow::anyhow!("{now} parked")) }
+    })
+    .await
+}

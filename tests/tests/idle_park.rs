@@ -16,26 +16,18 @@ use tokio::net::TcpStream;
 
 const SPEC: &str = "openapi: 3.0.3\ninfo: {title: web, version: '1'}\npaths:\n  /items/{id}:\n    get:\n      operationId: getItem\n      responses: {'200': {description: ok}}\n";
 
-async fn parked(proxy: &Proxy) -> f64 {
-    let (_, text) = get(proxy.admin, "/metrics").await.unwrap();
-    metric(&text, "neutrino_proxy_parked_connections", "").unwrap_or(-1.0)
-}
-
-async fn wait_parked(proxy: &Proxy, n: f64) {
-    wait_for(&format!("{n} parked connections"), Duration::from_secs(10), || async {
-        let now = parked(proxy).await;
-        if now == n { Ok(()) } else { Err(anyhow::anyhow!("{now} parked")) }
-    })
-    .await
-}
-
-async fn mesh() -> (Backend, WebMesh, ControlPlane, Proxy) {
+/// The app, its mesh file, a control plane, and a proxy started with `args`.
+async fn mesh_with(args: &[&str]) -> (Backend, WebMesh, ControlPlane, Proxy) {
     let app = Backend::start("web-0").await;
     let mesh = WebMesh::new(SPEC, &[(app.port, "web-0")]);
     let cp = ControlPlane::start(&mesh.path(), &[]);
-    let proxy = Proxy::start_with(cp.grpc, &["--park-idle-after-ms", "200"]);
+    let proxy = Proxy::start_with(cp.grpc, args);
     proxy.wait_ready().await;
     (app, mesh, cp, proxy)
+}
+
+async fn mesh() -> (Backend, WebMesh, ControlPlane, Proxy) {
+    mesh_with(&["--park-idle-after-ms", "200"]).await
 }
 
 #[tokio::test]
@@ -46,13 +38,13 @@ async fn a_quiet_connection_is_parked_and_served_again_on_the_same_socket() {
     let (head, body) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("\"path\":\"/items/1\""), "{body}");
-    wait_parked(&proxy, 1.0).await;
+    wait_parked(proxy.admin, 1.0).await;
 
     s.write_all(b"GET http://web.default/items/2 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
     let (head, body) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("\"path\":\"/items/2\""), "after parking: {body}");
-    wait_parked(&proxy, 1.0).await;
+    wait_parked(proxy.admin, 1.0).await;
 
     // An upgrade on the connection hyper serves after parking: a CONNECT tunnel to the app.
     let connect = format!("CONNECT 127.0.0.1:{0} HTTP/1.1\r\nHost: 127.0.0.1:{0}\r\n\r\n", app.port);
@@ -62,15 +54,15 @@ async fn a_quiet_connection_is_parked_and_served_again_on_the_same_socket() {
     s.write_all(b"GET /through/the/tunnel HTTP/1.1\r\nHost: app\r\n\r\n").await.unwrap();
     let (head, body) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200") && body.contains("/through/the/tunnel"), "{head}{body}");
-    wait_parked(&proxy, 0.0).await;
+    wait_parked(proxy.admin, 0.0).await;
 
     // A parked connection the client closes is let go.
     let mut other = TcpStream::connect(("127.0.0.1", proxy.outbound)).await.unwrap();
     other.write_all(b"GET http://web.default/items/3 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
     assert!(read_response(&mut other).await.0.starts_with("HTTP/1.1 200"));
-    wait_parked(&proxy, 1.0).await;
+    wait_parked(proxy.admin, 1.0).await;
     drop(other);
-    wait_parked(&proxy, 0.0).await;
+    wait_parked(proxy.admin, 0.0).await;
 }
 
 #[tokio::test]
@@ -79,7 +71,7 @@ async fn a_request_head_split_around_idle_periods_is_not_lost() {
     let mut s = TcpStream::connect(("127.0.0.1", proxy.outbound)).await.unwrap();
     s.write_all(b"GET http://web.default/items/1 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
     assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
-    wait_parked(&proxy, 1.0).await;
+    wait_parked(proxy.admin, 1.0).await;
     // The client itself pauses mid-head for three idle periods: the scenario, not a wait
     // for the proxy. The proxy takes the half head out of hyper and hands it to the next.
     s.write_all(b"GET http://web.default/items/7 HTTP/1.1\r\nHo").await.unwrap();
@@ -106,11 +98,8 @@ async fn a_response_slower_than_the_idle_period_is_neither_cut_nor_closed() {
 
 #[tokio::test]
 async fn a_head_trickling_in_across_parkings_still_meets_the_header_timeout() {
-    let app = Backend::start("web-0").await;
-    let mesh = WebMesh::new(SPEC, &[(app.port, "web-0")]);
-    let cp = ControlPlane::start(&mesh.path(), &[]);
-    let proxy = Proxy::start_with(cp.grpc, &["--park-idle-after-ms", "100", "--header-read-timeout-ms", "1000"]);
-    proxy.wait_ready().await;
+    let (_app, _mesh, _cp, proxy) =
+        mesh_with(&["--park-idle-after-ms", "100", "--header-read-timeout-ms", "1000"]).await;
     let mut s = TcpStream::connect(("127.0.0.1", proxy.outbound)).await.unwrap();
     s.write_all(b"GET http://web.default/items/1 HTTP/1.1\r\nX-Slow: ").await.unwrap();
     // A slowloris client: one byte every 300 ms, so the connection goes quiet (and is
@@ -137,11 +126,8 @@ async fn a_head_trickling_in_across_parkings_still_meets_the_header_timeout() {
 /// descriptor) for ever: past `--client-idle-timeout-secs` the parked connection is closed.
 #[tokio::test]
 async fn a_connection_quiet_past_the_client_idle_timeout_is_closed() {
-    let app = Backend::start("web-0").await;
-    let mesh = WebMesh::new(SPEC, &[(app.port, "web-0")]);
-    let cp = ControlPlane::start(&mesh.path(), &[]);
-    let proxy = Proxy::start_with(cp.grpc, &["--park-idle-after-ms", "200", "--client-idle-timeout-secs", "1"]);
-    proxy.wait_ready().await;
+    let (_app, _mesh, _cp, proxy) =
+        mesh_with(&["--park-idle-after-ms", "200", "--client-idle-timeout-secs", "1"]).await;
     let mut s = TcpStream::connect(("127.0.0.1", proxy.outbound)).await.unwrap();
     s.write_all(b"GET http://web.default/items/1 HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
     assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
@@ -151,5 +137,5 @@ async fn a_connection_quiet_past_the_client_idle_timeout_is_closed() {
     assert!(read.is_ok(), "still open 10 s after the last response");
     assert!(rest.is_empty(), "closed without a word: {}", String::from_utf8_lossy(&rest));
     assert!(answered.elapsed() >= Duration::from_secs(1), "closed before the timeout: {:?}", answered.elapsed());
-    wait_parked(&proxy, 0.0).await;
+    wait_parked(proxy.admin, 0.0).await;
 }

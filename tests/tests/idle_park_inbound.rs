@@ -22,15 +22,6 @@ async fn get_on(s: &mut TcpStream, path: &str) -> (String, String) {
     read_response(s).await
 }
 
-async fn wait_parked(proxy: &Proxy, n: f64) {
-    wait_for(&format!("{n} parked connections"), Duration::from_secs(10), || async {
-        let (_, text) = get(proxy.admin, "/metrics").await?;
-        let now = metric(&text, "neutrino_proxy_parked_connections", "").unwrap_or(-1.0);
-        if now == n { Ok(()) } else { Err(anyhow::anyhow!("{now} parked")) }
-    })
-    .await
-}
-
 /// A proxy whose inbound listener serves `app` (nothing redirects here).
 async fn sidecar() -> (Backend, WebMesh, ControlPlane, Proxy) {
     let app = Backend::start("web-0").await;
@@ -49,17 +40,17 @@ async fn a_quiet_inbound_connection_is_parked_and_served_again_on_the_same_socke
     let mut s = TcpStream::connect(("127.0.0.1", proxy.inbound)).await.unwrap();
     let (head, body) = get_on(&mut s, "/items/1").await;
     assert!(head.starts_with("HTTP/1.1 200") && body.contains("\"path\":\"/items/1\""), "{head}{body}");
-    wait_parked(&proxy, 1.0).await;
+    wait_parked(proxy.admin, 1.0).await;
 
     let (head, body) = get_on(&mut s, "/items/2").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("\"path\":\"/items/2\""), "after parking: {body}");
     assert_eq!(app.served(), 2);
-    wait_parked(&proxy, 1.0).await;
+    wait_parked(proxy.admin, 1.0).await;
 
     // A parked connection the caller closes is let go.
     drop(s);
-    wait_parked(&proxy, 0.0).await;
+    wait_parked(proxy.admin, 0.0).await;
 }
 
 #[tokio::test]
@@ -67,7 +58,7 @@ async fn sigterm_closes_parked_inbound_connections_at_once() {
     let (_app, _mesh, _cp, mut proxy) = sidecar().await;
     let mut s = TcpStream::connect(("127.0.0.1", proxy.inbound)).await.unwrap();
     assert!(get_on(&mut s, "/items/1").await.0.starts_with("HTTP/1.1 200"));
-    wait_parked(&proxy, 1.0).await;
+    wait_parked(proxy.admin, 1.0).await;
 
     proxy.proc.terminate();
     let mut buf = [0u8; 64];
