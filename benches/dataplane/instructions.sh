@@ -6,6 +6,8 @@
 #   bash benches/dataplane/instructions.sh              # HTTP/1.1 keep-alive 1 KiB, then gRPC unary
 #   PROXY=/path/to/neutrino-proxy bash benches/dataplane/instructions.sh   # another build
 #   N=20000 bash benches/dataplane/instructions.sh      # requests counted per workload
+#   KEEP=/tmp/cg bash benches/dataplane/instructions.sh # keep the callgrind files (http1.cg, grpc.cg)
+#                                                       # for callgrind_annotate --inclusive=yes
 #
 # Needs: valgrind, nginx, h2load, the release binaries (run.sh builds them). Starts a
 # backend nginx, the gRPC backend, the control plane and one proxy under callgrind on
@@ -15,7 +17,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 rel="$root/target/release"
-proxy="${PROXY:-$rel/neutrino-proxy}"
+proxy="${PROXY:-$root/target/proxy-release/neutrino-proxy}"
 n="${N:-20000}"
 die() { echo "instructions: ERROR: $*" >&2; exit 1; }
 log() { echo "instructions: $*" >&2; }
@@ -23,7 +25,7 @@ for t in valgrind callgrind_control callgrind_annotate nginx h2load curl; do
     command -v "$t" >/dev/null || die "$t not found; apt-get install valgrind nginx nghttp2-client curl"
 done
 for b in "$proxy" "$rel/neutrino-control-plane" "$rel/grpc-backend"; do
-    [[ -x $b ]] || die "$b missing; build with: bash benches/dataplane/run.sh (or cargo build --release)"
+    [[ -x $b ]] || die "$b missing; build with: bash benches/dataplane/run.sh (or cargo build --release; the proxy: --profile proxy-release)"
 done
 tmp=$(mktemp -d)
 chmod 755 "$tmp"
@@ -59,8 +61,8 @@ TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.%
     --inbound-addr 127.0.0.1:19381 --log warn >"$tmp/proxy.log" 2>&1 & vg=$!; pids+=($vg)
 wait_http "proxy" http://127.0.0.1:19390/ready
 
-count() { # label, then the h2load arguments
-    local label=$1; shift
+count() { # label, file name for KEEP, then the h2load arguments
+    local label=$1 keep=$2; shift 2
     h2load "$@" -n 2000 >/dev/null || die "$label: warm-up failed"
     callgrind_control -z "$vg" >/dev/null 2>&1
     out=$(h2load "$@" -n "$n") || die "$label: h2load failed"
@@ -69,16 +71,16 @@ count() { # label, then the h2load arguments
     local f total
     for _ in $(seq 50); do f=$(ls -t "$tmp"/cg.*.[0-9]* 2>/dev/null | head -1); [[ -n $f ]] && break; sleep 0.1; done
     total=$(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-    rm -f "$f"
+    if [[ -n ${KEEP:-} ]]; then mkdir -p "$KEEP" && mv "$f" "$KEEP/$keep.cg"; else rm -f "$f"; fi
     echo "$label: $((total / n)) instructions per request ($n requests)"
 }
-count "HTTP/1.1 keep-alive 1 KiB, 64 connections" --h1 -c 64 -t1 -H ':authority: bench.default' \
+count "HTTP/1.1 keep-alive 1 KiB, 64 connections" http1 --h1 -c 64 -t1 -H ':authority: bench.default' \
     http://127.0.0.1:19380/1k
 python3 - "$tmp/grpc.bin" <<'EOF'
 import sys
 payload = b"\x0a\x20" + b"p" * 32  # field 1, 32 bytes
 open(sys.argv[1], "wb").write(b"\x00" + len(payload).to_bytes(4, "big") + payload)
 EOF
-count "gRPC unary, 1 connection x 100 streams" -c 1 -m 100 -t1 -d "$tmp/grpc.bin" \
+count "gRPC unary, 1 connection x 100 streams" grpc -c 1 -m 100 -t1 -d "$tmp/grpc.bin" \
     -H 'content-type: application/grpc' -H 'te: trailers' -H ':authority: bench-grpc.default' \
     http://127.0.0.1:19380/bench.Echo/Unary

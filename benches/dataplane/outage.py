@@ -165,7 +165,8 @@ def main() -> int:
                 ("down", ["--otlp-endpoint", f"http://{LO}:{P['otlp_down']}"], {}),
                 ("hang", ["--otlp-endpoint", f"http://{LO}:{P['otlp_hang']}"], {})):
             pids[name] = procs.start(f"proxy-{name}", [
-                str(rel / "neutrino-proxy"), "--control-plane", f"{LO}:{P['cp_grpc']}", "--pod", f"bench-{name}",
+                str(root / "target" / "proxy-release" / "neutrino-proxy"),  # the shipped profile (Cargo.toml)
+                "--control-plane", f"{LO}:{P['cp_grpc']}", "--pod", f"bench-{name}",
                 "--admin-addr", f"{LO}:{P[name + '_admin']}", "--outbound-addr", f"{LO}:{P[name + '_out']}",
                 "--inbound-addr", f"{LO}:{P[name + '_in']}", "--log", "warn", *extra], tmp, {**env, **more_env}).pid
             wait_ready(f"proxy {name}", P[name + "_admin"], procs)

@@ -29,7 +29,8 @@ def report(targets: dict[str, Target], meta: dict, prof: str | None) -> str:
          f"Machine: {meta['machine']}. Every process on loopback on the same {meta['cores']} cores, load generators "
          f"included. nginx `worker_processes 1`, HAProxy `nbthread 1`, backend nginx `worker_processes 1`, "
          f"gRPC backend one thread (tonic, current-thread runtime); "
-         f"Neutrino: {meta['neutrino_threads']}. Windows: {meta['warmup']} s warm-up, {meta['duration']} s measured.",
+         f"Neutrino: {meta['neutrino_threads']}. Windows: {meta['warmup']} s warm-up, {meta['duration']} s measured, "
+         f"{meta.get('rounds', 1)} round(s) per throughput figure.",
          ""]
     wl = [("h1_c1", "HTTP/1.1 keep-alive, 1 KiB, 1 connection (wrk)"),
           ("h1_c64", "HTTP/1.1 keep-alive, 1 KiB, 64 connections (wrk)"),
@@ -38,8 +39,13 @@ def report(targets: dict[str, Target], meta: dict, prof: str | None) -> str:
                    "1 connection x 100 streams (h2load)"),
           ("close", "new connection per request, 1 KiB, 64 connections, `Connection: close` (wrk)"),
           ("h1_1m", "HTTP/1.1 keep-alive, 1 MiB, 8 connections (wrk)")]
-    L += ["## Maximum req/s", "", "| workload | target | req/s | x direct | x nginx | x HAProxy | proxy CPU ms / 1k req | errors |",
-          "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rounds = max((len(r.get("rounds", [])) for t in targets.values() for r in t.res.values()
+                  if isinstance(r, dict)), default=1)
+    L += ["## Maximum req/s", "",
+          f"Each target measured in {rounds} round(s), in reverse order every other round; the round with the median "
+          "req/s is shown (its CPU too), and the range over the rounds.", "",
+          "| workload | target | req/s | range over rounds | x direct | x nginx | x HAProxy | proxy CPU ms / 1k req | errors |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k, title in wl:
         if k not in d.res:
             continue
@@ -48,9 +54,11 @@ def report(targets: dict[str, Target], meta: dict, prof: str | None) -> str:
             if not r:
                 continue
             cpu = fmt(r["cpu_ms_per_1k"], 1) if t.key != "direct" else "-"
-            L.append(f"| {title} | {t.label} | {fmt(r['rps'])} | {ratio(r['rps'], d.res[k]['rps'])} | "
+            rs = r.get("rounds") or [r["rps"]]
+            L.append(f"| {title} | {t.label} | {fmt(r['rps'])} | {fmt(min(rs))}-{fmt(max(rs))} | "
+                     f"{ratio(r['rps'], d.res[k]['rps'])} | "
                      f"{ratio(r['rps'], ng.res[k]['rps'])} | {ratio(r['rps'], hp.res[k]['rps'])} | {cpu} | "
-                     f"{r['non2xx'] + r['sockerr']} |")
+                     f"{r.get('errors_all', r['non2xx'] + r['sockerr'])} |")
     L += [""]
     if "grpc" in d.res:
         L += ["gRPC unary: `bench.Echo/Unary` (`benches/src/grpc_backend/bench.proto`); direct is the tonic "
@@ -92,16 +100,36 @@ def report(targets: dict[str, Target], meta: dict, prof: str | None) -> str:
                      f"{fmt(add['p99.9'])} | {ratio(add['p50'], na.get('p50', 0)) if t.key != 'direct' else '-'} | "
                      f"{ratio(add['p99'], na.get('p99', 0)) if t.key != 'direct' else '-'} | {r['bad'] + b['bad']} |")
         L += [""]
+    if any("lat_light" in t.res for t in targets.values()):
+        rate = next(t.res["lat_light"]["rate"] for t in targets.values() if "lat_light" in t.res)
+        L += [f"## Latency at a light load ({fmt(rate)} req/s, 4 connections, oha, latency-corrected)", "",
+              "Where no process waits for a core: what a hop costs by itself. Added = target minus direct at the "
+              "same rate, measured right after it; per hop = added / hops.", "",
+              "| target | hops | p50 (µs) | p99 (µs) | p99.9 (µs) | added p50 per hop (µs) | added p99 per hop (µs) | "
+              "added p99.9 per hop (µs) | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for t in targets.values():
+            r = t.res.get("lat_light")
+            if not r:
+                continue
+            hops = max(1, getattr(t, "hops", 1))
+            per = {q: (r[q] - r["direct"][q]) / hops for q in ("p50", "p99", "p99.9")} if t.key != "direct" else None
+            L.append(f"| {t.label} | {hops if t.key != 'direct' else 0} | {fmt(r['p50'])} | {fmt(r['p99'])} | "
+                     f"{fmt(r['p99.9'])} | " + (" | ".join(fmt(per[q]) for q in ("p50", "p99", "p99.9")) if per else
+                                              "- | - | -") + f" | {r['bad']} |")
+        L += [""]
     L += ["## Memory (VmRSS, all of the target's processes)", "",
-          "| target | processes | RSS idle (MiB) | RSS after the load (MiB) | RSS with idle connections, 2 s after opening (MiB) | RSS with idle connections, 12 s after (MiB) | idle connections open |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
+          "RSS at start: once ready, before any request. RSS idle: after the checks (a `GET /1k`, a `GET /1m` "
+          "and a gRPC call through each target), before the load.", "",
+          "| target | processes | RSS at start (MiB) | RSS idle (MiB) | RSS after the load (MiB) | RSS with idle connections, 2 s after opening (MiB) | RSS with idle connections, 12 s after (MiB) | idle connections open |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for t in targets.values():
         if t.key == "direct":
             continue
         idle = t.res.get("idle")
-        L.append(f"| {t.label} | {len(t.pids)} | {t.res['rss_idle'] / 1024:.1f} | {t.res['rss_after'] / 1024:.1f} | "
-                 f"{idle['rss_kib_2s'] / 1024:.1f} | {idle['rss_kib'] / 1024:.1f} | {idle['opened']:,} |" if idle else
-                 f"| {t.label} | {len(t.pids)} | {t.res['rss_idle'] / 1024:.1f} | {t.res['rss_after'] / 1024:.1f} | - | - | - |")
+        first = (f"| {t.label} | {len(t.pids)} | {t.res.get('rss_start', 0) / 1024:.1f} | {t.res['rss_idle'] / 1024:.1f} | "
+                 f"{t.res['rss_after'] / 1024:.1f} | ")
+        L.append(first + (f"{idle['rss_kib_2s'] / 1024:.1f} | {idle['rss_kib'] / 1024:.1f} | {idle['opened']:,} |" if idle
+                          else "- | - | - |"))
     L += [""]
     if prof:
         L += ["## Profile: Neutrino outbound proxy under HTTP/1.1 keep-alive, 64 connections",

@@ -70,16 +70,18 @@ done
 
 # --- build -------------------------------------------------------------------
 if [[ -z "${SKIP_BUILD:-}" ]]; then
-    log "building Neutrino (release)"
-    cargo build --release -p neutrino-control-plane -p neutrino-proxy \
+    log "building Neutrino (release; the proxy with its shipped profile, proxy-release: fat LTO, a 2-3 minute link)"
+    cargo build --release -p neutrino-control-plane \
         || die "cargo build --release failed; see the compiler output above"
+    cargo build --profile proxy-release -p neutrino-proxy --bin neutrino-proxy \
+        || die "cargo build --profile proxy-release -p neutrino-proxy failed; see the compiler output above"
     # The gRPC unary workload's backend (benches/src/grpc_backend).
     log "building the gRPC backend (release)"
     cargo build --release -p neutrino-benches --bin grpc-backend \
         || die "cargo build --release -p neutrino-benches --bin grpc-backend failed; see the compiler output above"
 fi
-for b in neutrino-control-plane neutrino-proxy grpc-backend; do
-    [[ -x target/release/$b ]] || die "target/release/$b is missing; run without SKIP_BUILD"
+for b in release/neutrino-control-plane proxy-release/neutrino-proxy release/grpc-backend; do
+    [[ -x target/$b ]] || die "target/$b is missing; run without SKIP_BUILD"
 done
 
 # --- limits ------------------------------------------------------------------

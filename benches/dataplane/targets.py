@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procs import HERE, LO, BenchError, Procs, children, http_get, log, port_free, wait_ready, wait_tcp
+from procs import HERE, LO, BenchError, Procs, children, http_get, log, port_free, rss_kib, wait_ready, wait_tcp
 
 # Loopback ports. Checked free before anything starts.
 P = {
@@ -193,6 +193,7 @@ def start_all(root: Path, tmp: Path, procs: Procs, workers: str) -> tuple[dict[s
     grpc_body = tmp / "grpc-request.bin"
     grpc_body.write_bytes(grpc_frame(pb_bytes_field(b"p" * GRPC_REQUEST_BYTES)))
     rel = root / "target" / "release"
+    proxy_bin = root / "target" / "proxy-release" / "neutrino-proxy"  # the shipped profile (Cargo.toml)
 
     log("starting the backend (nginx, 1 worker)")
     conf = render("backend-nginx.conf", tmp / "backend-nginx.conf", DIR=tmp, PORT=P["backend"], H2PORT=P["backend_h2"])
@@ -243,7 +244,7 @@ def start_all(root: Path, tmp: Path, procs: Procs, workers: str) -> tuple[dict[s
                         ("f", grpc_app), ("g", [*grpc_app, *identity("g")])):
         log(f"starting neutrino-proxy {name} (TOKIO_WORKER_THREADS={workers or 'unset'})")
         proxies[name] = procs.start(f"proxy-{name}", [
-            str(rel / "neutrino-proxy"), "--pod", f"bench-{name}",
+            str(proxy_bin), "--pod", f"bench-{name}",
             "--control-plane", f"{LO}:{P['cp_tls' if name in tls_proxies else 'cp_grpc']}",
             "--admin-addr", f"{LO}:{P[name + '_admin']}", "--outbound-addr", f"{LO}:{P[name + '_out']}",
             "--inbound-addr", f"{G_IN_ADDR if name == 'g' else LO}:{P[name + '_in']}", "--log", "warn", *extra],
@@ -270,6 +271,10 @@ def start_all(root: Path, tmp: Path, procs: Procs, workers: str) -> tuple[dict[s
         "haproxy": Target("haproxy", "HAProxy", P["haproxy"], P["haproxy_h2"], None, [hp.pid],
                           grpc=Grpc(P["haproxy_grpc"], None, [hp.pid], grpc_body)),
     }
+    # Before any request: the memory a proxy starts with (the checks below leave pooled
+    # connections and touched code behind).
+    for t in targets.values():
+        t.res["rss_start"] = rss_kib(t.pids) if t.pids else 0
     for t in targets.values():
         for size, n in (("/1k", 1024), ("/1m", 1 << 20)):
             try:

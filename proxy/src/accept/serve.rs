@@ -24,7 +24,9 @@ use crate::forward::http::{self as fwd, ConnInfo};
 /// The HTTP/1 server settings every listener uses.
 pub(super) fn http1_server(shared: &Shared) -> http1::Builder {
     let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new()).header_read_timeout(shared.settings.header_read_timeout).max_buf_size(64 * 1024);
+    b.timer(TokioTimer::new())
+        .header_read_timeout(shared.settings.header_read_timeout)
+        .max_buf_size(crate::forward::HTTP1_MAX_BUF);
     b
 }
 

@@ -12,9 +12,10 @@ use super::pool::Reuse;
 use crate::select::endpoints::InFlight;
 
 /// An upstream body; the request's cost stays on its endpoint until this ends or is
-/// dropped (client gone), whichever comes first. Its connection goes back to the
-/// endpoint's pool only once the body has been read to its end: a connection with
-/// part of a response unread cannot carry another.
+/// dropped (client gone), whichever comes first. Its HTTP/1 connection is driven
+/// from here while the body is read, and goes back to the endpoint's pool only once
+/// the body has been read to its end: a connection with part of a response unread
+/// cannot carry another.
 #[derive(Debug)]
 pub struct Held {
     inner: Incoming,
@@ -42,7 +43,15 @@ impl Body for Held {
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // The connection runs in this task: what it has not read yet, it reads now.
+        // (Polled only when the body waits: a small body comes in with the head.)
+        if polled.is_pending()
+            && let Some(r) = self.reuse.as_mut()
+        {
+            r.poll_conn(cx);
+            polled = Pin::new(&mut self.inner).poll_frame(cx);
+        }
         match &polled {
             Poll::Ready(None) => {
                 self.hold = None;

@@ -211,7 +211,7 @@ async fn forward_to_service(
                 Err(f) => return logged(shared, &svc, op, started, log, failure_answer(f)),
             }
         } else {
-            (Via::Endpoint { conns: &endpoint.conns, addr: target, mtls }, upstream::origin_form(&parts))
+            (Via::Endpoint { conns: &endpoint.conns, addr: target, mtls, upgrading }, upstream::origin_form(&parts))
         };
         let mut head = upstream::prepare(&mut parts, uri, h2, upgrading, may_retry);
         // The endpoint's proxy counts it against the pod (and strips it).

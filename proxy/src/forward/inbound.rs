@@ -145,7 +145,9 @@ async fn to_app(
     // too many addresses over hyper-util's client.
     let conns = shared.app_conns.get(app);
     let (via, uri) = match &conns {
-        Some(c) if !h2 => (upstream::Via::Endpoint { conns: c, addr: app, mtls: false }, upstream::origin_form(&parts)),
+        Some(c) if !h2 => {
+            (upstream::Via::Endpoint { conns: c, addr: app, mtls: false, upgrading }, upstream::origin_form(&parts))
+        }
         _ => match upstream::absolute_form(&parts, &app.to_string(), false) {
             Ok(u) => match &conns {
                 Some(c) => (upstream::Via::EndpointH2 { conns: c, addr: app, mtls: false }, u),

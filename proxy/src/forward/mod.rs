@@ -25,6 +25,12 @@ use hyper_util::rt::TokioExecutor;
 use crate::identity::{Alpn, MeshTls};
 use crate::route::Mesh;
 
+/// How far hyper may grow an HTTP/1 connection's read buffer (and queue writes), both
+/// sides. Its default, about 400 KiB, is reached by one large body and then kept for the
+/// connection's life: by every pooled upstream connection that once carried one (up to
+/// 256 per endpoint). 64 KiB still moves a 1 MiB body in 16 reads.
+pub const HTTP1_MAX_BUF: usize = 64 * 1024;
+
 /// Tunables of the data path.
 #[derive(Debug, Clone)]
 pub struct DataSettings {

@@ -9,10 +9,20 @@
 //! before. A pooled connection that closed while idle hands the request back unsent,
 //! and it goes out on another one. It must not choose endpoints or read requests
 //! beyond sending them; passthrough keeps hyper-util's client.
+//!
+//! An HTTP/1 connection has no task of its own: the task whose request it carries
+//! drives it (`drive`, then the response body, `Reuse::poll_conn`), so a request
+//! is not handed to another task and back. Its deadline is a timer the connection
+//! keeps and pushes later per request, which costs no timer-wheel lock; a new timer
+//! per request did. Upgrades (WebSocket) get a connection task, as they outlive the
+//! request.
 
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -21,8 +31,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioExecutor;
+use tokio::time::Sleep;
 
-use super::connect::MeshConnector;
+use super::connect::{MeshConnector, UpstreamIo};
 use super::upstream::UpstreamBody;
 
 /// One endpoint's connections.
@@ -49,9 +60,10 @@ impl EndpointConns {
         self.plain.len.load(Ordering::Relaxed) + self.mtls.len.load(Ordering::Relaxed)
     }
 
-    /// Closes connections idle longer than `idle_timeout` or closed by the peer; the
-    /// rest stay, in their order. Requests running meanwhile may open a connection
-    /// instead of finding one of those being looked at: harmless.
+    /// Closes connections idle longer than `idle_timeout` or closed by the peer (each
+    /// is polled once to find out: no task watches an idle connection); the rest stay,
+    /// in their order. Requests running meanwhile may open a connection instead of
+    /// finding one of those being looked at: harmless.
     pub fn reap(&self, idle_timeout: Duration) {
         for h2 in [&self.h2_plain, &self.h2_mtls] {
             if h2.load().as_ref().is_some_and(|s| s.is_closed()) {
@@ -60,7 +72,9 @@ impl EndpointConns {
         }
         for side in [&self.plain, &self.mtls] {
             for _ in 0..side.len.load(Ordering::Relaxed) {
-                let Some(c) = side.pop() else { break };
+                let Some(mut c) = side.pop() else { break };
+                // Whoever takes the connection next polls it with its own waker.
+                c.link.poll_conn(&mut Context::from_waker(Waker::noop()));
                 if c.fresh(idle_timeout) {
                     side.push(c);
                 }
@@ -89,36 +103,103 @@ impl Idle {
     }
 }
 
+/// An HTTP/1 connection's state machine (hyper's), run by the task using it.
+type Conn = http1::Connection<UpstreamIo, UpstreamBody>;
+
+/// One HTTP/1 connection: the handle requests go out on, the connection itself
+/// (`None` once it ended, or when a task of its own runs it), and its deadline timer.
+struct Link {
+    send: http1::SendRequest<UpstreamBody>,
+    conn: Option<Box<Conn>>,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("running", &self.conn.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Lets the connection read and write what it can; notes when it has ended.
+    fn poll_conn(&mut self, cx: &mut Context<'_>) {
+        if let Some(c) = self.conn.as_mut()
+            && Pin::new(&mut **c).poll(cx).is_ready()
+        {
+            self.conn = None;
+        }
+    }
+
+    fn usable(&self) -> bool {
+        self.conn.is_some() && !self.send.is_closed()
+    }
+}
+
+/// Runs `fut`, something sent on `conn`, to its end while driving `conn` in this
+/// task; `None` when `timer` fires first. A connection that ends drops what was
+/// queued on it, so `fut` ends too.
+async fn drive<F: Future>(conn: &mut Option<Box<Conn>>, timer: &mut Pin<Box<Sleep>>, fut: F) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    let mut first = true;
+    poll_fn(|cx| {
+        // `fut` first: an idle connection is usually ready already, and each poll of
+        // the connection tries a read and a flush.
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if let Some(c) = conn.as_mut()
+            && Pin::new(&mut **c).poll(cx).is_ready()
+        {
+            *conn = None;
+        }
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        // One poll registers this task with the timer; after that, reading its state
+        // is enough, and much cheaper than polling it again.
+        let elapsed = if std::mem::take(&mut first) { timer.as_mut().poll(cx).is_ready() } else { timer.is_elapsed() };
+        if elapsed { Poll::Ready(None) } else { Poll::Pending }
+    })
+    .await
+}
+
 #[derive(Debug)]
 struct Parked {
-    send: http1::SendRequest<UpstreamBody>,
+    link: Link,
     since: Instant,
 }
 
 impl Parked {
     fn fresh(&self, idle_timeout: Duration) -> bool {
-        !self.send.is_closed() && self.since.elapsed() < idle_timeout
+        self.link.usable() && self.since.elapsed() < idle_timeout
     }
 }
 
 /// A connection in use; back to its pool once the response has been read whole.
+/// Whoever holds it drives it (`poll_conn`) while the response body is read.
 #[derive(Debug)]
 pub struct Reuse {
-    send: http1::SendRequest<UpstreamBody>,
+    link: Link,
     conns: Arc<EndpointConns>,
     mtls: bool,
     max_idle: usize,
 }
 
 impl Reuse {
-    /// Pools the connection, unless the pool is full or the connection closed (the
+    /// Drives the connection: the rest of the response comes in (and of the request
+    /// body goes out) only while this is called.
+    pub fn poll_conn(&mut self, cx: &mut Context<'_>) {
+        self.link.poll_conn(cx);
+    }
+
+    /// Pools the connection, unless the pool is full or the connection ended (the
     /// server said `Connection: close`, or broke): dropping it closes it.
     pub fn give_back(self) {
         let idle = self.conns.side(self.mtls);
-        if self.send.is_closed() || idle.len.load(Ordering::Relaxed) >= self.max_idle {
+        if !self.link.usable() || idle.len.load(Ordering::Relaxed) >= self.max_idle {
             return;
         }
-        idle.push(Parked { send: self.send, since: Instant::now() });
+        idle.push(Parked { link: self.link, since: Instant::now() });
     }
 }
 
@@ -171,6 +252,8 @@ pub enum SendError {
     Connect(std::io::Error),
     /// The exchange failed once the request was on a connection.
     Http(hyper::Error),
+    /// No response head by the deadline.
+    Timeout,
 }
 
 /// Closes stale idle connections (endpoints' and the app's) every half idle timeout,
@@ -189,26 +272,42 @@ pub async fn reap_stale(shared: Arc<super::Shared>) {
     }
 }
 
-/// Sends `req` to `addr` on an idle connection of `conns`, or on a new one.
+/// Sends `req` to `addr` on an idle connection of `conns`, or on a new one, and
+/// waits for the response head until `deadline`. An upgrade always gets a new
+/// connection, run by a task of its own (it outlives the request).
+#[allow(clippy::too_many_arguments)] // one call site per caller; a struct would only rename them
 pub async fn send(
     connector: &MeshConnector,
     settings: &PoolSettings,
     conns: &Arc<EndpointConns>,
     addr: SocketAddr,
     mtls: bool,
+    upgrading: bool,
+    deadline: tokio::time::Instant,
     mut req: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, Reuse), SendError> {
     let idle = conns.side(mtls);
-    let reuse = |send| Reuse { send, conns: Arc::clone(conns), mtls, max_idle: settings.max_idle_per_endpoint };
-    while let Some(mut c) = idle.pop() {
-        if !c.fresh(settings.idle_timeout) || c.send.ready().await.is_err() {
+    let reuse = |link| Reuse { link, conns: Arc::clone(conns), mtls, max_idle: settings.max_idle_per_endpoint };
+    while let Some(c) = (!upgrading).then(|| idle.pop()).flatten() {
+        if !c.fresh(settings.idle_timeout) {
             continue;
         }
-        match c.send.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, reuse(c.send))),
+        let mut link = c.link;
+        // Later than the last request's deadline: moved without the timer wheel's lock.
+        link.timer.as_mut().reset(deadline);
+        let Link { send, conn, timer } = &mut link;
+        match drive(conn, timer, send.ready()).await {
+            None => return Err(SendError::Timeout),
+            // It closed while idle.
+            Some(Err(_)) => continue,
+            Some(Ok(())) => {}
+        }
+        match drive(conn, timer, send.try_send_request(req)).await {
+            None => return Err(SendError::Timeout),
+            Some(Ok(resp)) => return Ok((resp, reuse(link))),
             // Never written: the connection closed as we took it. Safe to send again,
             // whatever the method.
-            Err(mut e) => match e.take_message() {
+            Some(Err(mut e)) => match e.take_message() {
                 Some(unsent) => req = unsent,
                 None => return Err(SendError::Http(e.into_error())),
             },
@@ -216,19 +315,32 @@ pub async fn send(
     }
     // Boxed: connecting (TLS included) is a large state, rarely entered; unboxed, every
     // request's future would be that large, and be copied that much as it is moved.
-    let io = Box::pin(connector.open(addr, mtls)).await.map_err(SendError::Connect)?;
-    let (mut send, conn) = Box::pin(http1::Builder::new().handshake(io))
-        .await
-        .map_err(|e| SendError::Connect(std::io::Error::other(e)))?;
-    tokio::spawn(async move {
-        // Upgrades (WebSocket) take the connection over; it is never pooled then.
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!("forward: upstream connection to {addr} ended: {e}");
-        }
+    let made = Box::pin(async {
+        let io = connector.open(addr, mtls).await.map_err(SendError::Connect)?;
+        http1::Builder::new()
+            .max_buf_size(super::HTTP1_MAX_BUF)
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(std::io::Error::other(e)))
     });
-    match send.send_request(req).await {
-        Ok(resp) => Ok((resp, reuse(send))),
-        Err(e) => Err(SendError::Http(e)),
+    let (mut send, conn) = tokio::time::timeout_at(deadline, made).await.map_err(|_| SendError::Timeout)??;
+    if upgrading {
+        tokio::spawn(async move {
+            // The upgrade takes the connection over; it is never pooled.
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("forward: upstream connection to {addr} ended: {e}");
+            }
+        });
+        let resp = tokio::time::timeout_at(deadline, send.send_request(req)).await.map_err(|_| SendError::Timeout)?;
+        let link = Link { send, conn: None, timer: Box::pin(tokio::time::sleep_until(deadline)) };
+        return resp.map(|r| (r, reuse(link))).map_err(SendError::Http);
+    }
+    let mut link = Link { send, conn: Some(Box::new(conn)), timer: Box::pin(tokio::time::sleep_until(deadline)) };
+    let Link { send, conn, timer } = &mut link;
+    match drive(conn, timer, send.send_request(req)).await {
+        None => Err(SendError::Timeout),
+        Some(Ok(resp)) => Ok((resp, reuse(link))),
+        Some(Err(e)) => Err(SendError::Http(e)),
     }
 }
 
@@ -270,160 +382,5 @@ pub async fn send_h2(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicU32;
-
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Either, Empty};
-    use hyper::server::conn::http1 as server;
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
-    use tokio::net::TcpListener;
-
-    #[derive(Clone, Copy)]
-    enum Serve {
-        /// HTTP/1; with `close_after_one`, each connection serves one request and closes.
-        Http1 { close_after_one: bool },
-        /// HTTP/2 with prior knowledge.
-        Http2,
-    }
-
-    /// A real server on loopback answering "ok", counting the connections it accepted.
-    async fn backend(serve: Serve) -> (SocketAddr, Arc<AtomicU32>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicU32::new(0));
-        let count = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = service_fn(|_req| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
-                    });
-                    let io = TokioIo::new(s);
-                    let _ = match serve {
-                        Serve::Http1 { close_after_one } => {
-                            server::Builder::new().keep_alive(!close_after_one).serve_connection(io, svc).await
-                        }
-                        Serve::Http2 => {
-                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                                .serve_connection(io, svc)
-                                .await
-                        }
-                    };
-                });
-            }
-        });
-        (addr, accepted)
-    }
-
-    fn connector() -> MeshConnector {
-        MeshConnector {
-            tls: None,
-            mesh: Arc::default(),
-            alpn: crate::identity::Alpn::Http1,
-            connect_timeout: Duration::from_secs(2),
-            metrics: Arc::default(),
-        }
-    }
-
-    fn get() -> Request<UpstreamBody> {
-        Request::builder().uri("/x").header("host", "svc").body(Either::Right(Empty::<Bytes>::new())).expect("req")
-    }
-
-    async fn exchange(
-        settings: &PoolSettings,
-        conns: &Arc<EndpointConns>,
-        addr: SocketAddr,
-        read_whole: bool,
-    ) -> Option<Reuse> {
-        let (resp, reuse) = send(&connector(), settings, conns, addr, false, get()).await.expect("sent");
-        assert_eq!(resp.status(), 200);
-        if read_whole {
-            let body = resp.into_body().collect().await.expect("body").to_bytes();
-            assert_eq!(body, "ok");
-            Some(reuse)
-        } else {
-            None
-        }
-    }
-
-    fn settings(max_idle: usize) -> PoolSettings {
-        PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_endpoint: max_idle }
-    }
-
-    #[tokio::test]
-    async fn a_connection_given_back_serves_the_next_request() {
-        let (addr, accepted) = backend(Serve::Http1 { close_after_one: false }).await;
-        let (s, conns) = (settings(8), Arc::new(EndpointConns::default()));
-        for _ in 0..3 {
-            exchange(&s, &conns, addr, true).await.expect("reuse").give_back();
-            assert_eq!(conns.idle(), 1);
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1, "three requests, one connection");
-    }
-
-    #[tokio::test]
-    async fn a_connection_not_given_back_is_not_reused() {
-        let (addr, accepted) = backend(Serve::Http1 { close_after_one: false }).await;
-        let (s, conns) = (settings(8), Arc::new(EndpointConns::default()));
-        exchange(&s, &conns, addr, false).await;
-        exchange(&s, &conns, addr, true).await.expect("reuse").give_back();
-        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the body never read: its connection is not pooled");
-    }
-
-    #[tokio::test]
-    async fn a_connection_the_server_closed_is_skipped_and_the_request_still_goes() {
-        let (addr, accepted) = backend(Serve::Http1 { close_after_one: true }).await;
-        let (s, conns) = (settings(8), Arc::new(EndpointConns::default()));
-        for _ in 0..3 {
-            if let Some(r) = exchange(&s, &conns, addr, true).await {
-                r.give_back();
-            }
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 3, "each request on a new connection; none failed");
-    }
-
-    #[tokio::test]
-    async fn http2_requests_share_one_connection_and_a_closed_one_is_replaced() {
-        let (addr, accepted) = backend(Serve::Http2).await;
-        let conns = EndpointConns::default();
-        let h2_get = || {
-            let uri = format!("http://{addr}/x");
-            Request::builder().uri(uri).body(Either::Right(Empty::<Bytes>::new())).expect("req")
-        };
-        let c = connector();
-        let calls = (0..20).map(|_| send_h2(&c, &conns, addr, false, h2_get()));
-        // The first makes the connection; the rest, sent after it, share it.
-        let first = send_h2(&c, &conns, addr, false, h2_get()).await.expect("first");
-        assert_eq!(first.into_body().collect().await.expect("body").to_bytes(), "ok");
-        for r in futures::future::join_all(calls).await {
-            assert_eq!(r.expect("sent").status(), 200);
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1, "21 requests, one HTTP/2 connection");
-        // The connection goes away (as when the server restarts): the next request makes another.
-        conns.h2_plain.store(None);
-        send_h2(&c, &conns, addr, false, h2_get()).await.expect("after");
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn the_pool_keeps_at_most_max_idle_and_reaps_the_stale() {
-        let (addr, accepted) = backend(Serve::Http1 { close_after_one: false }).await;
-        let (s, conns) = (settings(2), Arc::new(EndpointConns::default()));
-        // Three in flight at once: three connections, of which two are kept.
-        let mut held = Vec::new();
-        for _ in 0..3 {
-            held.push(exchange(&s, &conns, addr, true).await.expect("reuse"));
-        }
-        held.into_iter().for_each(Reuse::give_back);
-        assert_eq!(accepted.load(Ordering::SeqCst), 3);
-        assert_eq!(conns.idle(), 2);
-        conns.reap(Duration::from_secs(60));
-        assert_eq!(conns.idle(), 2, "fresh connections stay");
-        conns.reap(Duration::ZERO);
-        assert_eq!(conns.idle(), 0, "stale ones are closed");
-    }
-}
+#[path = "pool_tests.rs"]
+mod tests;

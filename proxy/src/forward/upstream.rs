@@ -46,17 +46,51 @@ static HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// The lengths of those names and of `upgrade`, as bits: most names in a message have
+/// none of these lengths, and a length is cheaper to test than seven names.
+/// `hop_by_hop_lengths_cover_every_name` keeps the two lists in step.
+const HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 19;
+
+fn may_be_hop_by_hop(n: &HeaderName) -> bool {
+    let len = n.as_str().len();
+    len < 32 && HOP_LENGTHS & (1 << len) != 0
+}
+
+/// Connection tokens that name no header.
+fn names_no_header(token: &str) -> bool {
+    token.eq_ignore_ascii_case("keep-alive")
+        || token.eq_ignore_ascii_case("close")
+        || token.eq_ignore_ascii_case("upgrade")
+}
+
+fn connection_tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
+    v.to_str().ok().into_iter().flat_map(|v| v.split(',')).map(str::trim)
+}
+
 /// Removes hop-by-hop headers, keeping `Upgrade`/`Connection: upgrade` when an
 /// upgrade is being negotiated and `TE: trailers` (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
-    // Which of them are here, in one pass over the names: a hashed removal of each
+    // Which of them are here, in one pass over the headers: a hashed removal of each
     // name costs more than the whole pass, and most messages carry one at most
-    // (`Connection: keep-alive`).
+    // (`Connection: keep-alive`). What Connection names and whether TE is `trailers`
+    // are read in the same pass rather than looked up again.
     let mut present = [false; HOP_COUNT];
     let mut has_upgrade = false;
-    for n in headers.keys() {
+    let mut names_others = false;
+    let mut te_trailers = false;
+    for (n, v) in headers.iter() {
+        if !may_be_hop_by_hop(n) {
+            continue;
+        }
         match HOP_BY_HOP.iter().position(|h| h == n) {
-            Some(i) => present[i] = true,
+            Some(i) => {
+                if n == header::CONNECTION {
+                    names_others |= connection_tokens(v).any(|t| !names_no_header(t));
+                } else if n == header::TE && !present[i] {
+                    te_trailers = v.as_bytes().eq_ignore_ascii_case(b"trailers");
+                }
+                present[i] = true;
+            }
             None => has_upgrade |= n == header::UPGRADE,
         }
     }
@@ -64,18 +98,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
         return;
     }
     // Headers the Connection header names (besides its usual tokens) are hop-by-hop too.
-    let mut named: Vec<HeaderName> = Vec::new();
-    for t in headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
-        let t = t.trim();
-        if t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close") || t.eq_ignore_ascii_case("upgrade")
-        {
-            continue;
-        }
-        if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
-            named.push(n);
-        }
-    }
-    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let named: Vec<HeaderName> = if names_others {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(connection_tokens)
+            .filter(|t| !names_no_header(t))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(h);
     }
@@ -145,7 +178,9 @@ pub fn absolute_form(parts: &Parts, target: &str, mtls: bool) -> Result<Uri, Fai
 #[derive(Debug, Clone, Copy)]
 pub enum Via<'a> {
     /// HTTP/1 to a mesh endpoint (or the app), over that endpoint's own pool.
-    Endpoint { conns: &'a Arc<EndpointConns>, addr: SocketAddr, mtls: bool },
+    /// `upgrading`: the request asks for an upgrade (WebSocket), which takes its
+    /// connection over.
+    Endpoint { conns: &'a Arc<EndpointConns>, addr: SocketAddr, mtls: bool, upgrading: bool },
     /// HTTP/2 to a mesh endpoint (or the app), over its shared connection.
     EndpointH2 { conns: &'a EndpointConns, addr: SocketAddr, mtls: bool },
     /// hyper-util's client for HTTP/2 (or HTTP/1 for passthrough); the head's URI is
@@ -164,7 +199,7 @@ pub async fn send(
 ) -> Result<(Response<Incoming>, Option<Reuse>), Failure> {
     let mut req = Request::from_parts(head, body);
     match via {
-        Via::Endpoint { conns, addr, mtls } => {
+        Via::Endpoint { conns, addr, mtls, upgrading } => {
             // hyper-util's client adds a missing Host; a bare connection does not (an
             // HTTP/1.0 client may send none).
             if !req.headers().contains_key(header::HOST)
@@ -172,14 +207,15 @@ pub async fn send(
             {
                 req.headers_mut().insert(header::HOST, v);
             }
-            let sent = pool::send(&upstreams.connector, &upstreams.pool, conns, addr, mtls, req);
-            match tokio::time::timeout(timeout, sent).await {
-                Ok(Ok((resp, reuse))) => Ok((resp, Some(reuse))),
-                Ok(Err(pool::SendError::Connect(e))) => {
+            // The pool keeps the deadline itself, on a timer each connection reuses.
+            let deadline = tokio::time::Instant::now() + timeout;
+            match pool::send(&upstreams.connector, &upstreams.pool, conns, addr, mtls, upgrading, deadline, req).await {
+                Ok((resp, reuse)) => Ok((resp, Some(reuse))),
+                Err(pool::SendError::Connect(e)) => {
                     Err(Failure::Connection(format!("upstream {addr} failed: connect: {}", crate::error_chain(&e))))
                 }
-                Ok(Err(pool::SendError::Http(e))) => Err(exchange_failed(&e, &addr)),
-                Err(_) => Err(Failure::Timeout(timeout)),
+                Err(pool::SendError::Http(e)) => Err(exchange_failed(&e, &addr)),
+                Err(pool::SendError::Timeout) => Err(Failure::Timeout(timeout)),
             }
         }
         Via::EndpointH2 { conns, addr, mtls } => {
@@ -190,7 +226,7 @@ pub async fn send(
                     Err(Failure::Connection(format!("upstream {addr} failed: connect: {}", crate::error_chain(&e))))
                 }
                 Ok(Err(pool::SendError::Http(e))) => Err(exchange_failed(&e, &addr)),
-                Err(_) => Err(Failure::Timeout(timeout)),
+                Ok(Err(pool::SendError::Timeout)) | Err(_) => Err(Failure::Timeout(timeout)),
             }
         }
         Via::Client { h2 } => {
@@ -277,6 +313,27 @@ mod tests {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 2, "nothing hop-by-hop: nothing removed");
+    }
+
+    #[test]
+    fn hop_by_hop_lengths_cover_every_name() {
+        for n in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            assert!(may_be_hop_by_hop(n), "{n} is screened out by HOP_LENGTHS");
+        }
+        assert!(!may_be_hop_by_hop(&header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn connection_names_are_read_in_the_same_pass() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("Close, X-Later"));
+        h.insert("x-later", HeaderValue::from_static("1"));
+        h.append(header::TE, HeaderValue::from_static("gzip"));
+        h.append(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-app"], "the first TE decides, as before");
     }
 
     #[test]
