@@ -67,8 +67,10 @@ struct Args {
     /// buffers until the client sends again; 0 keeps them.
     #[arg(long, default_value_t = 2_000)]
     park_idle_after_ms: u64,
-    /// A parked client connection (see --park-idle-after-ms) quiet this long (seconds)
-    /// is closed, as a server closes an idle keep-alive connection; 0 never closes one.
+    /// A client connection quiet this long (seconds) is closed, as a server closes an idle
+    /// keep-alive connection: parked ones (see --park-idle-after-ms) by their lot's
+    /// sweep, the others (HTTP/2, mTLS) after a graceful finish, within twice this; 0
+    /// never closes one.
     #[arg(long, default_value_t = 3600)]
     client_idle_timeout_secs: u64,
     /// This proxy's pod (downward API), for its node identity.

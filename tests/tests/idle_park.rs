@@ -4,6 +4,8 @@
 //! TCP connection, when the client sends: a plain request, a CONNECT tunnel (an upgrade
 //! on a new hyper connection), a request head that arrives in two parts around an idle
 //! period, and a response slower than the idle period, which must not be cut or closed.
+//! Past `--client-idle-timeout-secs` a quiet connection is closed: parked or, for h2c
+//! (never parked), after a graceful finish.
 
 #![allow(clippy::unwrap_used)]
 
@@ -138,4 +140,43 @@ async fn a_connection_quiet_past_the_client_idle_timeout_is_closed() {
     assert!(rest.is_empty(), "closed without a word: {}", String::from_utf8_lossy(&rest));
     assert!(answered.elapsed() >= Duration::from_secs(1), "closed before the timeout: {:?}", answered.elapsed());
     wait_parked(proxy.admin, 0.0).await;
+}
+
+/// The same for connections that are never parked (h2c, outbound and inbound): quiet
+/// past `--client-idle-timeout-secs`, the proxy finishes them (GOAWAY) and closes them.
+#[tokio::test]
+async fn an_h2c_connection_quiet_past_the_client_idle_timeout_is_closed() {
+    let (_app, _mesh, _cp, proxy) = mesh_with(&["--client-idle-timeout-secs", "1"]).await;
+    h2c_closed_when_quiet(proxy.outbound).await;
+}
+
+#[tokio::test]
+async fn an_inbound_h2c_connection_quiet_past_the_client_idle_timeout_is_closed() {
+    let app = Backend::start("web-0").await;
+    let mesh = WebMesh::new(SPEC, &[(app.port, "web-0")]);
+    let cp = ControlPlane::start(&mesh.path(), &[]);
+    let app_addr = format!("127.0.0.1:{}", app.port);
+    let proxy = Proxy::start_with(cp.grpc, &["--client-idle-timeout-secs", "1", "--inbound-app-addr", &app_addr]);
+    proxy.wait_ready().await;
+    h2c_closed_when_quiet(proxy.inbound).await;
+}
+
+/// One request on an h2c connection to `port`, then the client keeps its end open
+/// (`send` is held): only the proxy can end the connection, and must within 10 s.
+async fn h2c_closed_when_quiet(port: u16) {
+    use http_body_util::{BodyExt, Empty};
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get("http://web.default/items/1").body(Empty::<bytes::Bytes>::new()).unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    let answered = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(ended.is_ok(), "still open 10 s after the last response");
+    assert!(answered.elapsed() >= Duration::from_secs(1), "closed before the timeout: {:?}", answered.elapsed());
+    drop(send);
 }

@@ -47,36 +47,50 @@ pub(super) async fn serve_inbound_http<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (h1, h2) = (http1_server(&shared), http2_server());
-    let service = service_fn(move |req| {
-        let (shared, peer) = (Arc::clone(&shared), peer.clone());
-        async move { Ok::<_, std::convert::Infallible>(crate::forward::inbound::handle(shared, app, req, peer).await) }
-    });
-    // On drain, a connection answers what it is doing and closes (HTTP/2: GOAWAY).
+    let (h1, h2, idle_after) = (http1_server(&shared), http2_server(), shared.settings.client_idle_timeout);
+    let activity = Arc::new(idle::Activity::default());
+    let service = {
+        let activity = Arc::clone(&activity);
+        service_fn(move |req| {
+            let (shared, peer, busy) = (Arc::clone(&shared), peer.clone(), idle::Busy::new(&activity));
+            async move {
+                let resp = crate::forward::inbound::handle(shared, app, req, peer).await;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| idle::Counted::new(b, busy)))
+            }
+        })
+    };
+    let io = TokioIo::new(idle::Watched::new(io, Arc::clone(&activity)));
+    // On drain, or quiet past the idle timeout, a connection answers what it is doing and
+    // closes (HTTP/2: GOAWAY).
+    let mut drain = Some(drain);
     let result = if protocol == Protocol::Http2 {
-        let conn = h2.serve_connection(TokioIo::new(io), service);
-        until_drained(conn, drain, |c| c.graceful_shutdown()).await
+        let mut conn = Box::pin(h2.serve_connection(io, service));
+        until_idle_or_drained(&mut conn, &activity, idle_after, &mut drain, |c| c.as_mut().graceful_shutdown()).await
     } else {
-        let conn = h1.serve_connection(TokioIo::new(io), service).with_upgrades();
-        until_drained(conn, drain, |c| c.graceful_shutdown()).await
+        let mut conn = Box::pin(h1.serve_connection(io, service).with_upgrades());
+        until_idle_or_drained(&mut conn, &activity, idle_after, &mut drain, |c| c.as_mut().graceful_shutdown()).await
     };
     if let Err(e) = result {
         tracing::debug!("inbound http connection: {e}");
     }
 }
 
-/// Runs a served connection to its end; once `drain` turns true, asks it to finish
-/// (`shutdown`: hyper's graceful shutdown) and still runs it to its end.
-async fn until_drained<C: Future>(
-    conn: C,
-    mut drain: tokio::sync::watch::Receiver<bool>,
-    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+/// Runs a connection that is never parked (HTTP/2; HTTP/1 inside mTLS) to its end. Once
+/// `drain` turns true, or once it has been quiet (no byte either way, no request in
+/// flight) for between one and two `idle_after` periods, it is asked to finish (hyper's
+/// graceful shutdown) and still run to its end: a client that never comes back must not
+/// hold a descriptor for ever. A zero `idle_after` never closes it.
+async fn until_idle_or_drained<C: Future + Unpin>(
+    conn: &mut C,
+    activity: &idle::Activity,
+    idle_after: Duration,
+    drain: &mut Drain,
+    mut shutdown: impl FnMut(&mut C),
 ) -> C::Output {
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        () = async { drop(drain.wait_for(|d| *d).await) } => {
-            shutdown(conn.as_mut());
+    match quiet_or_done(conn, activity, idle_after, drain, &mut shutdown).await {
+        Some(out) => out,
+        None => {
+            shutdown(conn);
             conn.await
         }
     }
@@ -294,12 +308,25 @@ async fn quiet_or_done<F: Future + Unpin>(
     }
 }
 
+/// Serves an outbound h2c connection; closed once quiet past the client idle timeout.
 pub(super) async fn serve_http2(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Rewind<TcpStream>) {
-    let service = service_fn(move |req| {
-        let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
-        async move { Ok::<_, std::convert::Infallible>(fwd::handle(shared, conn, req).await) }
-    });
-    let result = http2_server().serve_connection(TokioIo::new(io), service).await;
+    let idle_after = shared.settings.client_idle_timeout;
+    let activity = Arc::new(idle::Activity::default());
+    let service = {
+        let activity = Arc::clone(&activity);
+        service_fn(move |req| {
+            let (shared, conn, busy) = (Arc::clone(&shared), Arc::clone(&conn), idle::Busy::new(&activity));
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    fwd::handle(shared, conn, req).await.map(|b| idle::Counted::new(b, busy)),
+                )
+            }
+        })
+    };
+    let io = TokioIo::new(idle::Watched::new(io, Arc::clone(&activity)));
+    let mut served = Box::pin(http2_server().serve_connection(io, service));
+    let result =
+        until_idle_or_drained(&mut served, &activity, idle_after, &mut None, |c| c.as_mut().graceful_shutdown()).await;
     if let Err(e) = result {
         tracing::info!("outbound h2c connection ended with an error: {e}");
     }
