@@ -49,16 +49,9 @@ pub(super) async fn serve_inbound_http<IO>(
 {
     let (h1, h2, idle_after) = (http1_server(&shared), http2_server(), shared.settings.client_idle_timeout);
     let activity = Arc::new(idle::Activity::default());
-    let service = {
-        let activity = Arc::clone(&activity);
-        service_fn(move |req| {
-            let (shared, peer, busy) = (Arc::clone(&shared), peer.clone(), idle::Busy::new(&activity));
-            async move {
-                let resp = crate::forward::inbound::handle(shared, app, req, peer).await;
-                Ok::<_, std::convert::Infallible>(resp.map(|b| idle::Counted::new(b, busy)))
-            }
-        })
-    };
+    let service = counted(Arc::clone(&activity), move |req| {
+        crate::forward::inbound::handle(Arc::clone(&shared), app, req, peer.clone())
+    });
     let io = TokioIo::new(idle::Watched::new(io, Arc::clone(&activity)));
     // On drain, or quiet past the idle timeout, a connection answers what it is doing and
     // closes (HTTP/2: GOAWAY).
@@ -73,6 +66,28 @@ pub(super) async fn serve_inbound_http<IO>(
     if let Err(e) = result {
         tracing::debug!("inbound http connection: {e}");
     }
+}
+
+/// `handle` as hyper's service, each request counted in flight on `activity` until its
+/// response body is dropped: what the idle checks (`quiet_or_done`) read.
+fn counted<H, F>(
+    activity: Arc<idle::Activity>,
+    handle: H,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<idle::Counted<ProxyBody>>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<hyper::Response<idle::Counted<ProxyBody>>, std::convert::Infallible>> + Send,
+> + Clone
+where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = hyper::Response<ProxyBody>> + Send + 'static,
+{
+    service_fn(move |req| {
+        let busy = idle::Busy::new(&activity);
+        let response = handle(req);
+        async move { Ok(response.await.map(|b| idle::Counted::new(b, busy))) }
+    })
 }
 
 /// Runs a connection that is never parked (HTTP/2; HTTP/1 inside mTLS) to its end. Once
@@ -207,14 +222,7 @@ where
     // restarts its own header timer, so the whole head's deadline is kept here.
     let mut head_since: Option<std::time::Instant> = None;
     loop {
-        let service = {
-            let (handle, activity) = (handle.clone(), Arc::clone(&activity));
-            service_fn(move |req| {
-                let busy = idle::Busy::new(&activity);
-                let response = handle(req);
-                async move { Ok::<_, std::convert::Infallible>(response.await.map(|b| idle::Counted::new(b, busy))) }
-            })
-        };
+        let service = counted(Arc::clone(&activity), handle.clone());
         let watched = idle::Watched::new(io, Arc::clone(&activity));
         // Boxed: the task keeps only a pointer while parked, not hyper's connection state.
         let mut served =
@@ -312,17 +320,7 @@ async fn quiet_or_done<F: Future + Unpin>(
 pub(super) async fn serve_http2(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Rewind<TcpStream>) {
     let idle_after = shared.settings.client_idle_timeout;
     let activity = Arc::new(idle::Activity::default());
-    let service = {
-        let activity = Arc::clone(&activity);
-        service_fn(move |req| {
-            let (shared, conn, busy) = (Arc::clone(&shared), Arc::clone(&conn), idle::Busy::new(&activity));
-            async move {
-                Ok::<_, std::convert::Infallible>(
-                    fwd::handle(shared, conn, req).await.map(|b| idle::Counted::new(b, busy)),
-                )
-            }
-        })
-    };
+    let service = counted(Arc::clone(&activity), move |req| fwd::handle(Arc::clone(&shared), Arc::clone(&conn), req));
     let io = TokioIo::new(idle::Watched::new(io, Arc::clone(&activity)));
     let mut served = Box::pin(http2_server().serve_connection(io, service));
     let result =
