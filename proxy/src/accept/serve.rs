@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -83,10 +84,12 @@ where
     H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = hyper::Response<ProxyBody>> + Send + 'static,
 {
+    // A combinator, not an `async` block around `handle`'s future: the block would
+    // hold that future twice over (as its capture and as what it awaits), and every
+    // request's future is moved into hyper's slot (HTTP/1) or task (HTTP/2) whole.
     service_fn(move |req| {
         let busy = idle::Busy::new(&activity);
-        let response = handle(req);
-        async move { Ok(response.await.map(|b| idle::Counted::new(b, busy))) }
+        handle(req).map(move |r| Ok(r.map(|b| idle::Counted::new(b, busy))))
     })
 }
 

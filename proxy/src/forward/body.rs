@@ -8,62 +8,68 @@ use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::pool::Reuse;
+use super::h1;
 use crate::select::endpoints::InFlight;
 
-/// An upstream body; the request's cost stays on its endpoint until this ends or is
-/// dropped (client gone), whichever comes first. Its HTTP/1 connection is driven
-/// from here while the body is read, and goes back to the endpoint's pool only once
-/// the body has been read to its end: a connection with part of a response unread
-/// cannot carry another.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body from upstream: read by our HTTP/1 client straight off its connection, or
+/// by hyper (HTTP/2, upgrades, passthrough).
 #[derive(Debug)]
-pub struct Held {
-    inner: Incoming,
-    hold: Option<InFlight>,
-    reuse: Option<Reuse>,
+pub enum UpBody {
+    H1(h1::ResponseBody),
+    Hyper(Incoming),
 }
 
-impl Held {
-    pub fn new(inner: Incoming, hold: Option<InFlight>, reuse: Option<Reuse>) -> Self {
-        Held { inner, hold, reuse }
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::H1(b) => b.is_end_stream(),
+            UpBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::H1(b) => b.size_hint(),
+            UpBody::Hyper(b) => b.size_hint(),
+        }
     }
 }
 
-impl Drop for Held {
-    fn drop(&mut self) {
-        // A body with nothing to read (204, HEAD, Content-Length: 0) is never polled.
-        if let Some(r) = self.reuse.take().filter(|_| self.inner.is_end_stream()) {
-            r.give_back();
-        }
+/// An upstream body; the request's cost stays on its endpoint until this ends or is
+/// dropped (client gone), whichever comes first. (An HTTP/1 body gives its connection
+/// back to the pool itself, once read to its end.)
+#[derive(Debug)]
+pub struct Held {
+    inner: UpBody,
+    hold: Option<InFlight>,
+}
+
+impl Held {
+    pub fn new(inner: UpBody, hold: Option<InFlight>) -> Self {
+        Held { inner, hold }
     }
 }
 
 impl Body for Held {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
-        // The connection runs in this task: what it has not read yet, it reads now.
-        // (Polled only when the body waits: a small body comes in with the head.)
-        if polled.is_pending()
-            && let Some(r) = self.reuse.as_mut()
-        {
-            r.poll_conn(cx);
-            polled = Pin::new(&mut self.inner).poll_frame(cx);
-        }
-        match &polled {
-            Poll::Ready(None) => {
-                self.hold = None;
-                if let Some(r) = self.reuse.take() {
-                    r.give_back();
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                self.hold = None;
-                self.reuse = None;
-            }
-            _ => {}
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.hold = None;
         }
         polled
     }

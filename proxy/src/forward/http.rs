@@ -213,21 +213,21 @@ async fn forward_to_service(
         } else {
             (Via::Endpoint { conns: &endpoint.conns, addr: target, mtls, upgrading }, upstream::origin_form(&parts))
         };
-        let mut head = upstream::prepare(&mut parts, uri, h2, upgrading, may_retry);
-        // The endpoint's proxy counts it against the pod (and strips it).
-        head.headers.insert(super::inbound::COST, op.cost_header.clone());
+        // On the client's head itself: the same on every attempt. The endpoint's proxy
+        // counts the cost against the pod (and strips it).
+        parts.headers.insert(super::inbound::COST, op.cost_header.clone());
         if let Some(s) = span.as_ref() {
-            s.inject(&mut head.headers);
+            s.inject(&mut parts.headers);
         }
         let upstream_body = match body.take() {
             Some(b) => Either::Left(b),
             None => Either::Right(Empty::new()),
         };
         let sent = std::time::Instant::now();
-        let result = upstream::send(&shared.upstreams, via, head, upstream_body, timeout).await;
+        let result = upstream::send(&shared.upstreams, via, &mut parts, uri, upstream_body, timeout, may_retry).await;
         let fast = sent.elapsed() < FAST_FAILURE;
         match result {
-            Ok((mut resp, reuse)) => {
+            Ok(mut resp) => {
                 if let Some(load) = resp.headers_mut().remove(super::inbound::LOAD) {
                     learn_load(endpoint, &load, &cost);
                 }
@@ -266,7 +266,7 @@ async fn forward_to_service(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 upstream::strip_hop_by_hop(&mut rparts.headers, false);
-                let resp = Response::from_parts(rparts, Either::Left(Held::new(rbody, Some(hold), reuse)));
+                let resp = Response::from_parts(rparts, Either::Left(Held::new(rbody, Some(hold))));
                 return logged(shared, &svc, op, started, log, resp);
             }
             Err(f) => {
@@ -455,10 +455,10 @@ async fn passthrough(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming
         Ok(u) => u,
         Err(f) => return failure_answer(f),
     };
-    let head = upstream::prepare(&mut parts, uri, h2, upgrading, false);
-    let via = Via::Client { h2 };
-    match upstream::send(&shared.upstreams, via, head, Either::Left(body), shared.settings.request_timeout).await {
-        Ok((mut resp, _)) => {
+    let via = Via::Client { h2, upgrading };
+    let timeout = shared.settings.request_timeout;
+    match upstream::send(&shared.upstreams, via, &mut parts, uri, Either::Left(body), timeout, false).await {
+        Ok(mut resp) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(down) = downstream_upgrade
             {
@@ -470,7 +470,7 @@ async fn passthrough(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming
             let (mut p, b) = resp.into_parts();
             upstream::strip_hop_by_hop(&mut p.headers, false);
             p.headers.remove(super::inbound::LOAD);
-            Response::from_parts(p, Either::Left(Held::new(b, None, None)))
+            Response::from_parts(p, Either::Left(Held::new(b, None)))
         }
         Err(f) => failure_answer(f),
     }

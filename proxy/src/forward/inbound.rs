@@ -151,23 +151,22 @@ async fn to_app(
         _ => match upstream::absolute_form(&parts, &app.to_string(), false) {
             Ok(u) => match &conns {
                 Some(c) => (upstream::Via::EndpointH2 { conns: c, addr: app, mtls: false }, u),
-                None => (upstream::Via::Client { h2 }, u),
+                None => (upstream::Via::Client { h2, upgrading }, u),
             },
             Err(f) => return super::http::failure_answer(f),
         },
     };
-    let mut head = upstream::prepare(&mut parts, uri, h2, upgrading, false);
     // The app's own spans are children of this hop's.
     if let Some(s) = span.as_ref() {
-        s.inject(&mut head.headers);
+        s.inject(&mut parts.headers);
     }
-    let result =
-        upstream::send(&shared.upstreams, via, head, Either::Left(body), shared.settings.request_timeout).await;
+    let timeout = shared.settings.request_timeout;
+    let result = upstream::send(&shared.upstreams, via, &mut parts, uri, Either::Left(body), timeout, false).await;
     // The load others put on the pod, now that this request's head is answered.
     drop(held);
     let capacity = shared.mesh.load().capacity_of_pod(&shared.settings.pod);
     match result {
-        Ok((mut resp, reuse)) => {
+        Ok(mut resp) => {
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
                 && let Some(down) = downstream_upgrade
             {
@@ -183,7 +182,7 @@ async fn to_app(
             if let Some(cap) = capacity {
                 p.headers.insert(LOAD, format_load(&shared.pod_load.in_flight(), &cap));
             }
-            Response::from_parts(p, Either::Left(super::body::Held::new(b, None, reuse)))
+            Response::from_parts(p, Either::Left(super::body::Held::new(b, None)))
         }
         Err(f) => {
             let answer = super::http::failure_answer(f);

@@ -3,11 +3,13 @@
 //!
 //! `http` forwards HTTP/1.1 and HTTP/2 requests chosen by route and select; `tcp`
 //! splices opaque connections with half-close. This module holds what both share:
-//! the upstream connection pools and the data path's settings. It must not decide
+//! the upstream connection pools (their HTTP/1 exchanges in `h1`) and the data
+//! path's settings. It must not decide
 //! where a request goes: route and select do.
 
 pub mod body;
 pub mod connect;
+pub mod h1;
 pub mod http;
 pub mod inbound;
 pub mod pool;

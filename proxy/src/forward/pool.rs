@@ -5,21 +5,18 @@
 //! The compiled mesh gives every endpoint its `EndpointConns`, carried across config
 //! snapshots by address, so a request reaches its pool through the endpoint it was
 //! given: no map lookup and no lock on the request path (a lock-free queue). A
-//! connection goes back when the response body has ended (`Reuse::give_back`), not
-//! before. A pooled connection that closed while idle hands the request back unsent,
-//! and it goes out on another one. It must not choose endpoints or read requests
+//! connection goes back when the response body has ended, not before. A pooled
+//! connection found closed is dropped and the request goes out on another one; one
+//! closed under a bodiless idempotent request (the keep-alive race) too. It must not choose endpoints or read requests
 //! beyond sending them; passthrough keeps hyper-util's client.
 //!
-//! An HTTP/1 connection has no task of its own: the task whose request it carries
-//! drives it (`drive`, then the response body, `Reuse::poll_conn`), so a request
-//! is not handed to another task and back. Its deadline is a timer the connection
-//! keeps and pushes later per request, which costs no timer-wheel lock; a new timer
-//! per request did. Upgrades (WebSocket) get a connection task, as they outlive the
-//! request.
+//! An HTTP/1 connection (`h1::Conn`) has no task of its own: the task whose request
+//! it carries runs the exchange, then the response body reads the rest and hands the
+//! connection back (`GiveBack`). Upgrades (WebSocket) go over hyper's client with a
+//! connection task, as they outlive the request.
 
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
@@ -27,13 +24,15 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use crossbeam_queue::SegQueue;
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::{Method, Request, Response};
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioExecutor;
-use tokio::time::Sleep;
 
-use super::connect::{MeshConnector, UpstreamIo};
+use super::body::UpBody;
+use super::connect::MeshConnector;
+use super::h1::{self, Conn, conn::GiveBack};
 use super::upstream::UpstreamBody;
 
 /// One endpoint's connections.
@@ -74,8 +73,8 @@ impl EndpointConns {
             for _ in 0..side.len.load(Ordering::Relaxed) {
                 let Some(mut c) = side.pop() else { break };
                 // Whoever takes the connection next polls it with its own waker.
-                c.link.poll_conn(&mut Context::from_waker(Waker::noop()));
-                if c.fresh(idle_timeout) {
+                let closed = c.conn.poll_closed(&mut Context::from_waker(Waker::noop()));
+                if !closed && c.fresh(idle_timeout) {
                     side.push(c);
                 }
             }
@@ -103,103 +102,25 @@ impl Idle {
     }
 }
 
-/// An HTTP/1 connection's state machine (hyper's), run by the task using it.
-type Conn = http1::Connection<UpstreamIo, UpstreamBody>;
-
-/// One HTTP/1 connection: the handle requests go out on, the connection itself
-/// (`None` once it ended, or when a task of its own runs it), and its deadline timer.
-struct Link {
-    send: http1::SendRequest<UpstreamBody>,
-    conn: Option<Box<Conn>>,
-    timer: Pin<Box<Sleep>>,
-}
-
-impl std::fmt::Debug for Link {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link").field("running", &self.conn.is_some()).finish_non_exhaustive()
-    }
-}
-
-impl Link {
-    /// Lets the connection read and write what it can; notes when it has ended.
-    fn poll_conn(&mut self, cx: &mut Context<'_>) {
-        if let Some(c) = self.conn.as_mut()
-            && Pin::new(&mut **c).poll(cx).is_ready()
-        {
-            self.conn = None;
+impl GiveBack for EndpointConns {
+    /// Pools the connection, unless its side of the pool is full: dropping it closes it.
+    fn give_back(&self, conn: Box<Conn>) {
+        let idle = self.side(conn.mtls);
+        if idle.len.load(Ordering::Relaxed) < conn.max_idle {
+            idle.push(Parked { conn, since: Instant::now() });
         }
     }
-
-    fn usable(&self) -> bool {
-        self.conn.is_some() && !self.send.is_closed()
-    }
-}
-
-/// Runs `fut`, something sent on `conn`, to its end while driving `conn` in this
-/// task; `None` when `timer` fires first. A connection that ends drops what was
-/// queued on it, so `fut` ends too.
-async fn drive<F: Future>(conn: &mut Option<Box<Conn>>, timer: &mut Pin<Box<Sleep>>, fut: F) -> Option<F::Output> {
-    let mut fut = pin!(fut);
-    let mut first = true;
-    poll_fn(|cx| {
-        // `fut` first: an idle connection is usually ready already, and each poll of
-        // the connection tries a read and a flush.
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
-        }
-        if let Some(c) = conn.as_mut()
-            && Pin::new(&mut **c).poll(cx).is_ready()
-        {
-            *conn = None;
-        }
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
-        }
-        // One poll registers this task with the timer; after that, reading its state
-        // is enough, and much cheaper than polling it again.
-        let elapsed = if std::mem::take(&mut first) { timer.as_mut().poll(cx).is_ready() } else { timer.is_elapsed() };
-        if elapsed { Poll::Ready(None) } else { Poll::Pending }
-    })
-    .await
 }
 
 #[derive(Debug)]
 struct Parked {
-    link: Link,
+    conn: Box<Conn>,
     since: Instant,
 }
 
 impl Parked {
     fn fresh(&self, idle_timeout: Duration) -> bool {
-        self.link.usable() && self.since.elapsed() < idle_timeout
-    }
-}
-
-/// A connection in use; back to its pool once the response has been read whole.
-/// Whoever holds it drives it (`poll_conn`) while the response body is read.
-#[derive(Debug)]
-pub struct Reuse {
-    link: Link,
-    conns: Arc<EndpointConns>,
-    mtls: bool,
-    max_idle: usize,
-}
-
-impl Reuse {
-    /// Drives the connection: the rest of the response comes in (and of the request
-    /// body goes out) only while this is called.
-    pub fn poll_conn(&mut self, cx: &mut Context<'_>) {
-        self.link.poll_conn(cx);
-    }
-
-    /// Pools the connection, unless the pool is full or the connection ended (the
-    /// server said `Connection: close`, or broke): dropping it closes it.
-    pub fn give_back(self) {
-        let idle = self.conns.side(self.mtls);
-        if !self.link.usable() || idle.len.load(Ordering::Relaxed) >= self.max_idle {
-            return;
-        }
-        idle.push(Parked { link: self.link, since: Instant::now() });
+        self.since.elapsed() < idle_timeout
     }
 }
 
@@ -250,8 +171,10 @@ pub struct PoolSettings {
 pub enum SendError {
     /// No connection could be made (TCP, TLS, or the HTTP/1 handshake).
     Connect(std::io::Error),
-    /// The exchange failed once the request was on a connection.
+    /// The exchange failed once the request was on a connection (HTTP/2, upgrades).
     Http(hyper::Error),
+    /// The same, on an HTTP/1 connection.
+    H1(h1::Error),
     /// No response head by the deadline.
     Timeout,
 }
@@ -272,49 +195,79 @@ pub async fn reap_stale(shared: Arc<super::Shared>) {
     }
 }
 
-/// Sends `req` to `addr` on an idle connection of `conns`, or on a new one, and
-/// waits for the response head until `deadline`. An upgrade always gets a new
-/// connection, run by a task of its own (it outlives the request).
-#[allow(clippy::too_many_arguments)] // one call site per caller; a struct would only rename them
+/// Sends the request `parts` + `body` to `addr` on an idle connection of `conns`, or
+/// on a new one, and waits for the response head until `deadline`. `parts` is written
+/// as it is (origin-form target, hop-by-hop headers already off), and left for a retry.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 pub async fn send(
     connector: &MeshConnector,
     settings: &PoolSettings,
     conns: &Arc<EndpointConns>,
     addr: SocketAddr,
     mtls: bool,
-    upgrading: bool,
     deadline: tokio::time::Instant,
-    mut req: Request<UpstreamBody>,
-) -> Result<(Response<Incoming>, Reuse), SendError> {
+    parts: &http::request::Parts,
+    body: UpstreamBody,
+) -> Result<Response<UpBody>, SendError> {
     let idle = conns.side(mtls);
-    let reuse = |link| Reuse { link, conns: Arc::clone(conns), mtls, max_idle: settings.max_idle_per_endpoint };
-    while let Some(c) = (!upgrading).then(|| idle.pop()).flatten() {
-        if !c.fresh(settings.idle_timeout) {
+    let home = || Some(Arc::clone(conns) as Arc<dyn GiveBack>);
+    // Bodiless and idempotent: safe to send again if a pooled connection turns out
+    // to have been closed under it.
+    let replayable = body.is_end_stream()
+        && matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        );
+    let mut body = Some(body);
+    while let Some(c) = idle.pop() {
+        let fresh = c.fresh(settings.idle_timeout);
+        let mut conn = c.conn;
+        if !fresh || poll_fn(|cx| Poll::Ready(conn.poll_closed(cx))).await {
             continue;
         }
-        let mut link = c.link;
         // Later than the last request's deadline: moved without the timer wheel's lock.
-        link.timer.as_mut().reset(deadline);
-        let Link { send, conn, timer } = &mut link;
-        match drive(conn, timer, send.ready()).await {
-            None => return Err(SendError::Timeout),
-            // It closed while idle.
-            Some(Err(_)) => continue,
-            Some(Ok(())) => {}
-        }
-        match drive(conn, timer, send.try_send_request(req)).await {
-            None => return Err(SendError::Timeout),
-            Some(Ok(resp)) => return Ok((resp, reuse(link))),
-            // Never written: the connection closed as we took it. Safe to send again,
-            // whatever the method.
-            Some(Err(mut e)) => match e.take_message() {
-                Some(unsent) => req = unsent,
-                None => return Err(SendError::Http(e.into_error())),
-            },
+        conn.set_deadline(deadline);
+        let mut writer = conn.start(parts, body.take().unwrap_or_else(|| Either::Right(Empty::new())));
+        match h1::conn::response_head(&mut conn, &mut writer).await {
+            Ok(head) => return Ok(h1::conn::response(conn, writer, head, home()).map(UpBody::H1)),
+            Err(e) if replayable && e.before_response() => {
+                tracing::debug!(
+                    "forward: pooled connection to {addr} was closed under the request ({e}); sending again"
+                );
+            }
+            Err(e) => return Err(h1_error(e)),
         }
     }
     // Boxed: connecting (TLS included) is a large state, rarely entered; unboxed, every
     // request's future would be that large, and be copied that much as it is moved.
+    let io = tokio::time::timeout_at(deadline, Box::pin(connector.open(addr, mtls)))
+        .await
+        .map_err(|_| SendError::Timeout)?
+        .map_err(SendError::Connect)?;
+    let mut conn = Conn::new(io, deadline, mtls, settings.max_idle_per_endpoint);
+    let mut writer = conn.start(parts, body.take().unwrap_or_else(|| Either::Right(Empty::new())));
+    match h1::conn::response_head(&mut conn, &mut writer).await {
+        Ok(head) => Ok(h1::conn::response(conn, writer, head, home()).map(UpBody::H1)),
+        Err(e) => Err(h1_error(e)),
+    }
+}
+
+fn h1_error(e: h1::Error) -> SendError {
+    match e {
+        h1::Error::Timeout => SendError::Timeout,
+        e => SendError::H1(e),
+    }
+}
+
+/// An upgrade (WebSocket) over hyper's client, on a new connection run by its own
+/// task: the upgraded stream outlives the request, and is never pooled.
+pub async fn upgrade(
+    connector: &MeshConnector,
+    addr: SocketAddr,
+    mtls: bool,
+    deadline: tokio::time::Instant,
+    req: Request<UpstreamBody>,
+) -> Result<Response<UpBody>, SendError> {
     let made = Box::pin(async {
         let io = connector.open(addr, mtls).await.map_err(SendError::Connect)?;
         http1::Builder::new()
@@ -324,24 +277,13 @@ pub async fn send(
             .map_err(|e| SendError::Connect(std::io::Error::other(e)))
     });
     let (mut send, conn) = tokio::time::timeout_at(deadline, made).await.map_err(|_| SendError::Timeout)??;
-    if upgrading {
-        tokio::spawn(async move {
-            // The upgrade takes the connection over; it is never pooled.
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!("forward: upstream connection to {addr} ended: {e}");
-            }
-        });
-        let resp = tokio::time::timeout_at(deadline, send.send_request(req)).await.map_err(|_| SendError::Timeout)?;
-        let link = Link { send, conn: None, timer: Box::pin(tokio::time::sleep_until(deadline)) };
-        return resp.map(|r| (r, reuse(link))).map_err(SendError::Http);
-    }
-    let mut link = Link { send, conn: Some(Box::new(conn)), timer: Box::pin(tokio::time::sleep_until(deadline)) };
-    let Link { send, conn, timer } = &mut link;
-    match drive(conn, timer, send.send_request(req)).await {
-        None => Err(SendError::Timeout),
-        Some(Ok(resp)) => Ok((resp, reuse(link))),
-        Some(Err(e)) => Err(SendError::Http(e)),
-    }
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!("forward: upstream connection to {addr} ended: {e}");
+        }
+    });
+    let resp = tokio::time::timeout_at(deadline, send.send_request(req)).await.map_err(|_| SendError::Timeout)?;
+    resp.map(|r| r.map(UpBody::Hyper)).map_err(SendError::Http)
 }
 
 /// Sends `req` to `addr` over the endpoint's shared HTTP/2 connection, made first if

@@ -16,7 +16,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::Upstreams;
-use super::pool::{self, EndpointConns, Reuse};
+use super::body::UpBody;
+use super::pool::{self, EndpointConns};
 
 /// The body sent upstream: the client's (first attempt) or none (a retry).
 pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
@@ -185,60 +186,96 @@ pub enum Via<'a> {
     EndpointH2 { conns: &'a EndpointConns, addr: SocketAddr, mtls: bool },
     /// hyper-util's client for HTTP/2 (or HTTP/1 for passthrough); the head's URI is
     /// in absolute form.
-    Client { h2: bool },
+    Client { h2: bool, upgrading: bool },
 }
 
-/// Sends one request; the deadline covers the time to the response head. With an
-/// endpoint's pool, also the connection to give back once the body has been read.
+/// Sends one request; the deadline covers the time to the response head. `parts` is
+/// the client's head, with the headers for this hop already set (cost, trace). Over an
+/// endpoint's HTTP/1 pool it is sent from where it is, its hop-by-hop headers taken
+/// off in place (the same edit on a retry): nothing is copied. The hyper paths get
+/// `prepare`'s head with `uri` as its target, copied when `keep` (a retry may follow).
 pub async fn send(
     upstreams: &Upstreams,
     via: Via<'_>,
-    head: Parts,
+    parts: &mut Parts,
+    uri: Uri,
     body: UpstreamBody,
     timeout: Duration,
-) -> Result<(Response<Incoming>, Option<Reuse>), Failure> {
-    let mut req = Request::from_parts(head, body);
+    keep: bool,
+) -> Result<Response<UpBody>, Failure> {
+    let (h2, upgrading) = match via {
+        Via::Endpoint { upgrading, .. } => (false, upgrading),
+        Via::EndpointH2 { .. } => (true, false),
+        Via::Client { h2, upgrading } => (h2, upgrading),
+    };
     match via {
-        Via::Endpoint { conns, addr, mtls, upgrading } => {
-            // hyper-util's client adds a missing Host; a bare connection does not (an
+        Via::Endpoint { conns, addr, mtls, upgrading: false } => {
+            strip_hop_by_hop(&mut parts.headers, false);
+            // An HTTP/2 client's authority, or the address: HTTP/1 needs a Host (an
             // HTTP/1.0 client may send none).
+            if !parts.headers.contains_key(header::HOST) {
+                let host = parts.uri.authority().map(|a| HeaderValue::from_str(a.as_str()));
+                if let Some(Ok(v)) = host.or_else(|| Some(HeaderValue::try_from(addr.to_string()))) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            let deadline = tokio::time::Instant::now() + timeout;
+            let sent =
+                pool::send(&upstreams.connector, &upstreams.pool, conns, addr, mtls, deadline, parts, body).await;
+            pool_result(sent, addr, timeout)
+        }
+        Via::Endpoint { addr, mtls, upgrading: true, .. } => {
+            let mut req = Request::from_parts(prepare(parts, uri, h2, upgrading, keep), body);
             if !req.headers().contains_key(header::HOST)
                 && let Ok(v) = HeaderValue::try_from(addr.to_string())
             {
                 req.headers_mut().insert(header::HOST, v);
             }
-            // The pool keeps the deadline itself, on a timer each connection reuses.
             let deadline = tokio::time::Instant::now() + timeout;
-            match pool::send(&upstreams.connector, &upstreams.pool, conns, addr, mtls, upgrading, deadline, req).await {
-                Ok((resp, reuse)) => Ok((resp, Some(reuse))),
-                Err(pool::SendError::Connect(e)) => {
-                    Err(Failure::Connection(format!("upstream {addr} failed: connect: {}", crate::error_chain(&e))))
-                }
-                Err(pool::SendError::Http(e)) => Err(exchange_failed(&e, &addr)),
-                Err(pool::SendError::Timeout) => Err(Failure::Timeout(timeout)),
-            }
+            // Boxed: rare, and its state would make every request's future larger.
+            let sent = Box::pin(pool::upgrade(&upstreams.connector, addr, mtls, deadline, req)).await;
+            pool_result(sent, addr, timeout)
         }
         Via::EndpointH2 { conns, addr, mtls } => {
+            let req = Request::from_parts(prepare(parts, uri, h2, upgrading, keep), body);
             let sent = pool::send_h2(&upstreams.connector_h2, conns, addr, mtls, req);
             match tokio::time::timeout(timeout, sent).await {
-                Ok(Ok(resp)) => Ok((resp, None)),
-                Ok(Err(pool::SendError::Connect(e))) => {
-                    Err(Failure::Connection(format!("upstream {addr} failed: connect: {}", crate::error_chain(&e))))
-                }
-                Ok(Err(pool::SendError::Http(e))) => Err(exchange_failed(&e, &addr)),
-                Ok(Err(pool::SendError::Timeout)) | Err(_) => Err(Failure::Timeout(timeout)),
+                Ok(sent) => pool_result(sent.map(|r| r.map(UpBody::Hyper)), addr, timeout),
+                Err(_) => Err(Failure::Timeout(timeout)),
             }
         }
-        Via::Client { h2 } => {
+        Via::Client { h2, .. } => {
+            let req = Request::from_parts(prepare(parts, uri, h2, upgrading, keep), body);
             let client = if h2 { &upstreams.http2 } else { &upstreams.http1 };
             // For error messages only: a cheap clone (shared bytes), formatted only on failure.
             let uri = req.uri().clone();
             match tokio::time::timeout(timeout, client.request(req)).await {
-                Ok(Ok(r)) => Ok((r, None)),
+                Ok(Ok(r)) => Ok(r.map(UpBody::Hyper)),
                 Ok(Err(e)) => Err(exchange_failed(&e, &uri.authority().map(|a| a.as_str()).unwrap_or_default())),
                 Err(_) => Err(Failure::Timeout(timeout)),
             }
         }
+    }
+}
+
+fn pool_result(
+    sent: Result<Response<UpBody>, pool::SendError>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Response<UpBody>, Failure> {
+    match sent {
+        Ok(resp) => Ok(resp),
+        Err(pool::SendError::Connect(e)) => {
+            Err(Failure::Connection(format!("upstream {addr} failed: connect: {}", crate::error_chain(&e))))
+        }
+        Err(pool::SendError::Http(e)) => Err(exchange_failed(&e, &addr)),
+        Err(pool::SendError::H1(super::h1::Error::RequestBody(e))) => {
+            Err(Failure::BadRequestBody(format!("request body could not be read: {}", crate::error_chain(&*e))))
+        }
+        Err(pool::SendError::H1(e)) => {
+            Err(Failure::Connection(format!("upstream {addr} failed: {}", crate::error_chain(&e))))
+        }
+        Err(pool::SendError::Timeout) => Err(Failure::Timeout(timeout)),
     }
 }
 
@@ -251,7 +288,7 @@ fn exchange_failed(e: &(dyn std::error::Error + 'static), target: &dyn std::fmt:
 }
 
 /// Splices an agreed upgrade (101) between the two sides in the background.
-pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, resp: &mut Response<Incoming>, hold: impl Send + 'static) {
+pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, resp: &mut Response<UpBody>, hold: impl Send + 'static) {
     let upstream = hyper::upgrade::on(resp);
     tokio::spawn(async move {
         let _hold = hold;
