@@ -213,9 +213,7 @@ async fn forward_to_service(
         } else {
             (Via::Endpoint { conns: &endpoint.conns, addr: target, mtls, upgrading }, upstream::origin_form(&parts))
         };
-        // On the client's head itself: the same on every attempt. The endpoint's proxy
-        // counts the cost against the pod (and strips it).
-        parts.headers.insert(super::inbound::COST, op.cost_header.clone());
+        // On the client's head itself: the same on every attempt.
         if let Some(s) = span.as_ref() {
             s.inject(&mut parts.headers);
         }
@@ -224,7 +222,10 @@ async fn forward_to_service(
             None => Either::Right(Empty::new()),
         };
         let sent = std::time::Instant::now();
-        let result = upstream::send(&shared.upstreams, via, &mut parts, uri, upstream_body, timeout, may_retry).await;
+        // The endpoint's proxy counts the cost against the pod (and strips it).
+        let hop = Some((&super::inbound::COST, &op.cost_header));
+        let result =
+            upstream::send(&shared.upstreams, via, &mut parts, hop, uri, upstream_body, timeout, may_retry).await;
         let fast = sent.elapsed() < FAST_FAILURE;
         match result {
             Ok(mut resp) => {
@@ -264,9 +265,7 @@ async fn forward_to_service(
                         Response::from_parts(parts, local(bytes::Bytes::new())),
                     );
                 }
-                let (mut rparts, rbody) = resp.into_parts();
-                upstream::strip_hop_by_hop(&mut rparts.headers, false);
-                let resp = Response::from_parts(rparts, Either::Left(Held::new(rbody, Some(hold))));
+                let resp = resp.map(|rbody| Either::Left(Held::new(rbody, Some(hold))));
                 return logged(shared, &svc, op, started, log, resp);
             }
             Err(f) => {
@@ -457,7 +456,7 @@ async fn passthrough(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming
     };
     let via = Via::Client { h2, upgrading };
     let timeout = shared.settings.request_timeout;
-    match upstream::send(&shared.upstreams, via, &mut parts, uri, Either::Left(body), timeout, false).await {
+    match upstream::send(&shared.upstreams, via, &mut parts, None, uri, Either::Left(body), timeout, false).await {
         Ok(mut resp) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(down) = downstream_upgrade
@@ -468,7 +467,6 @@ async fn passthrough(shared: &Shared, conn: &ConnInfo, mut req: Request<Incoming
                 return Response::from_parts(p, local(bytes::Bytes::new()));
             }
             let (mut p, b) = resp.into_parts();
-            upstream::strip_hop_by_hop(&mut p.headers, false);
             p.headers.remove(super::inbound::LOAD);
             Response::from_parts(p, Either::Left(Held::new(b, None)))
         }

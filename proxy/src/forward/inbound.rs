@@ -161,7 +161,8 @@ async fn to_app(
         s.inject(&mut parts.headers);
     }
     let timeout = shared.settings.request_timeout;
-    let result = upstream::send(&shared.upstreams, via, &mut parts, uri, Either::Left(body), timeout, false).await;
+    let result =
+        upstream::send(&shared.upstreams, via, &mut parts, None, uri, Either::Left(body), timeout, false).await;
     // The load others put on the pod, now that this request's head is answered.
     drop(held);
     let capacity = shared.mesh.load().capacity_of_pod(&shared.settings.pod);
@@ -178,7 +179,6 @@ async fn to_app(
             }
             let (mut p, b) = resp.into_parts();
             count(Some(p.status.as_u16()));
-            upstream::strip_hop_by_hop(&mut p.headers, false);
             if let Some(cap) = capacity {
                 p.headers.insert(LOAD, format_load(&shared.pod_load.in_flight(), &cap));
             }

@@ -207,6 +207,7 @@ pub async fn send(
     mtls: bool,
     deadline: tokio::time::Instant,
     parts: &http::request::Parts,
+    extra: h1::wire::Extra<'_>,
     body: UpstreamBody,
 ) -> Result<Response<UpBody>, SendError> {
     let idle = conns.side(mtls);
@@ -227,7 +228,7 @@ pub async fn send(
         }
         // Later than the last request's deadline: moved without the timer wheel's lock.
         conn.set_deadline(deadline);
-        let mut writer = conn.start(parts, body.take().unwrap_or_else(|| Either::Right(Empty::new())));
+        let mut writer = conn.start(parts, extra, body.take().unwrap_or_else(|| Either::Right(Empty::new())));
         match h1::conn::response_head(&mut conn, &mut writer).await {
             Ok(head) => return Ok(h1::conn::response(conn, writer, head, home()).map(UpBody::H1)),
             Err(e) if replayable && e.before_response() => {
@@ -245,7 +246,7 @@ pub async fn send(
         .map_err(|_| SendError::Timeout)?
         .map_err(SendError::Connect)?;
     let mut conn = Conn::new(io, deadline, mtls, settings.max_idle_per_endpoint);
-    let mut writer = conn.start(parts, body.take().unwrap_or_else(|| Either::Right(Empty::new())));
+    let mut writer = conn.start(parts, extra, body.take().unwrap_or_else(|| Either::Right(Empty::new())));
     match h1::conn::response_head(&mut conn, &mut writer).await {
         Ok(head) => Ok(h1::conn::response(conn, writer, head, home()).map(UpBody::H1)),
         Err(e) => Err(h1_error(e)),

@@ -72,7 +72,7 @@ async fn exchange(
     read_whole: bool,
 ) -> Option<Response<UpBody>> {
     let (parts, body) = get().into_parts();
-    let resp = send(&connector(), settings, conns, addr, false, in_a_second(), &parts, body).await.expect("sent");
+    let resp = send(&connector(), settings, conns, addr, false, in_a_second(), &parts, None, body).await.expect("sent");
     assert_eq!(resp.status(), 200);
     if !read_whole {
         return Some(resp);
@@ -136,7 +136,7 @@ async fn no_response_head_by_the_deadline_is_a_timeout() {
     let (s, conns) = (settings(8), Arc::new(EndpointConns::default()));
     let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
     let (parts, body) = get().into_parts();
-    let r = send(&connector(), &s, &conns, addr, false, deadline, &parts, body).await;
+    let r = send(&connector(), &s, &conns, addr, false, deadline, &parts, None, body).await;
     assert!(matches!(r, Err(SendError::Timeout)), "{r:?}");
     assert!(tokio::time::Instant::now() >= deadline);
 }

@@ -194,21 +194,28 @@ pub enum Via<'a> {
 /// endpoint's HTTP/1 pool it is sent from where it is, its hop-by-hop headers taken
 /// off in place (the same edit on a retry): nothing is copied. The hyper paths get
 /// `prepare`'s head with `uri` as its target, copied when `keep` (a retry may follow).
+/// `extra`, a header for this hop, replaces any of its name the client sent, without
+/// touching the client's head. The response comes back without hop-by-hop headers, but for a 101's (the caller
+/// splices the upgrade and keeps `Upgrade`).
+#[allow(clippy::too_many_arguments)] // three call sites; a struct would only rename them
 pub async fn send(
     upstreams: &Upstreams,
     via: Via<'_>,
     parts: &mut Parts,
+    extra: super::h1::wire::Extra<'_>,
     uri: Uri,
     body: UpstreamBody,
     timeout: Duration,
     keep: bool,
 ) -> Result<Response<UpBody>, Failure> {
-    let (h2, upgrading) = match via {
-        Via::Endpoint { upgrading, .. } => (false, upgrading),
-        Via::EndpointH2 { .. } => (true, false),
-        Via::Client { h2, upgrading } => (h2, upgrading),
+    let head = |parts: &mut Parts, uri| {
+        let mut head = prepare(parts, uri, h2_of(via), upgrading_of(via), keep);
+        if let Some((n, v)) = extra {
+            head.headers.insert(n.clone(), v.clone());
+        }
+        head
     };
-    match via {
+    let mut resp = match via {
         Via::Endpoint { conns, addr, mtls, upgrading: false } => {
             strip_hop_by_hop(&mut parts.headers, false);
             // An HTTP/2 client's authority, or the address: HTTP/1 needs a Host (an
@@ -221,11 +228,13 @@ pub async fn send(
             }
             let deadline = tokio::time::Instant::now() + timeout;
             let sent =
-                pool::send(&upstreams.connector, &upstreams.pool, conns, addr, mtls, deadline, parts, body).await;
-            pool_result(sent, addr, timeout)
+                pool::send(&upstreams.connector, &upstreams.pool, conns, addr, mtls, deadline, parts, extra, body)
+                    .await;
+            // Our HTTP/1 client leaves hop-by-hop headers out as it reads the head.
+            return pool_result(sent, addr, timeout);
         }
         Via::Endpoint { addr, mtls, upgrading: true, .. } => {
-            let mut req = Request::from_parts(prepare(parts, uri, h2, upgrading, keep), body);
+            let mut req = Request::from_parts(head(parts, uri), body);
             if !req.headers().contains_key(header::HOST)
                 && let Ok(v) = HeaderValue::try_from(addr.to_string())
             {
@@ -237,7 +246,7 @@ pub async fn send(
             pool_result(sent, addr, timeout)
         }
         Via::EndpointH2 { conns, addr, mtls } => {
-            let req = Request::from_parts(prepare(parts, uri, h2, upgrading, keep), body);
+            let req = Request::from_parts(head(parts, uri), body);
             let sent = pool::send_h2(&upstreams.connector_h2, conns, addr, mtls, req);
             match tokio::time::timeout(timeout, sent).await {
                 Ok(sent) => pool_result(sent.map(|r| r.map(UpBody::Hyper)), addr, timeout),
@@ -245,7 +254,7 @@ pub async fn send(
             }
         }
         Via::Client { h2, .. } => {
-            let req = Request::from_parts(prepare(parts, uri, h2, upgrading, keep), body);
+            let req = Request::from_parts(head(parts, uri), body);
             let client = if h2 { &upstreams.http2 } else { &upstreams.http1 };
             // For error messages only: a cheap clone (shared bytes), formatted only on failure.
             let uri = req.uri().clone();
@@ -255,7 +264,19 @@ pub async fn send(
                 Err(_) => Err(Failure::Timeout(timeout)),
             }
         }
+    }?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(resp.headers_mut(), false);
     }
+    Ok(resp)
+}
+
+fn h2_of(via: Via<'_>) -> bool {
+    matches!(via, Via::EndpointH2 { .. } | Via::Client { h2: true, .. })
+}
+
+fn upgrading_of(via: Via<'_>) -> bool {
+    matches!(via, Via::Endpoint { upgrading: true, .. } | Via::Client { upgrading: true, .. })
 }
 
 fn pool_result(

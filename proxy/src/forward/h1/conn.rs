@@ -71,6 +71,16 @@ impl Conn {
         })
     }
 
+    /// Ready to be pooled: a read buffer grown by a large body is let go (an endpoint
+    /// may keep hundreds of idle connections), the usual one kept.
+    fn idle(mut self: Box<Self>) -> Box<Self> {
+        if self.rbuf.capacity() > 2 * FIRST_READ {
+            self.rbuf = BytesMut::new();
+            self.next_read = FIRST_READ;
+        }
+        self
+    }
+
     /// For a connection taken from the pool: the next request's deadline.
     pub fn set_deadline(&mut self, deadline: tokio::time::Instant) {
         self.timer.as_mut().reset(deadline);
@@ -152,12 +162,12 @@ impl Conn {
     }
 
     /// Starts an exchange: encodes the head of `parts` (its target in origin form,
-    /// hop-by-hop headers off) and returns what will send the body.
-    pub fn start(&mut self, parts: &Parts, body: UpstreamBody) -> Writer {
+    /// hop-by-hop headers off) and `extra`, and returns what will send the body.
+    pub fn start(&mut self, parts: &Parts, extra: wire::Extra<'_>, body: UpstreamBody) -> Writer {
         let shape = BodyShape { empty: body.is_end_stream(), exact: body.size_hint().exact() };
-        let sending = wire::encode_head(parts, shape, &mut self.wbuf);
+        let sending = wire::encode_head(parts, extra, shape, &mut self.wbuf);
         let body = (sending != Sending::Nothing).then_some(body);
-        Writer { body, sending, head_request: parts.method == Method::HEAD, flushed: false }
+        Writer { body, sending, head_request: parts.method == Method::HEAD, flushed: false, broken: false }
     }
 }
 
@@ -168,6 +178,8 @@ pub struct Writer {
     sending: Sending,
     head_request: bool,
     flushed: bool,
+    /// Writing failed: what was sent is not the whole request.
+    broken: bool,
 }
 
 /// How much request body is gathered before it is written.
@@ -175,7 +187,7 @@ const GATHER: usize = 64 * 1024;
 
 impl Writer {
     fn done(&self) -> bool {
-        self.flushed
+        self.flushed || self.broken
     }
 
     /// Sends what it can of the request; `Ready(Ok)` once all of it is out.
@@ -260,23 +272,32 @@ impl Writer {
 /// read. `Error::Timeout` when the connection's deadline passes first.
 pub async fn response_head(conn: &mut Conn, writer: &mut Writer) -> Result<wire::Head, Error> {
     let mut first = true;
+    // A server may answer and close before taking the whole request (a 413, say): its
+    // answer, when there is one to read, says more than the failed write.
+    let mut write_failed = None;
     poll_fn(|cx| {
-        if !writer.done()
-            && let Poll::Ready(Err(e)) = writer.poll_send(conn, cx)
-        {
-            return Poll::Ready(Err(e));
+        if !writer.done() {
+            match writer.poll_send(conn, cx) {
+                Poll::Ready(Err(Error::Write(e))) => {
+                    writer.broken = true;
+                    write_failed = Some(e);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                _ => {}
+            }
         }
         loop {
             if let Some(head) = wire::take_head(&mut conn.rbuf, writer.head_request)? {
                 return Poll::Ready(Ok(head));
             }
-            match conn.poll_fill(cx) {
-                Poll::Ready(Ok(0)) if conn.rbuf.is_empty() => return Poll::Ready(Err(Error::ClosedBeforeResponse)),
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(Error::Read(std::io::ErrorKind::UnexpectedEof.into()))),
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Read(e))),
+            let ended = match conn.poll_fill(cx) {
+                Poll::Ready(Ok(0)) if conn.rbuf.is_empty() => Error::ClosedBeforeResponse,
+                Poll::Ready(Ok(0)) => Error::Read(std::io::ErrorKind::UnexpectedEof.into()),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Ready(Err(e)) => Error::Read(e),
                 Poll::Pending => break,
-            }
+            };
+            return Poll::Ready(Err(write_failed.take().map_or(ended, Error::Write)));
         }
         // One poll registers the task with the timer; then its state is enough.
         let elapsed =
@@ -301,9 +322,9 @@ impl ResponseBody {
     pub fn new(conn: Box<Conn>, writer: Writer, head: &wire::Head, home: Option<std::sync::Arc<dyn GiveBack>>) -> Self {
         let mut body = ResponseBody {
             conn: Some(conn),
+            reusable: head.reusable && !writer.broken,
             writer: Some(writer).filter(|w| !w.done()),
             decoder: Decoder::new(head.framing),
-            reusable: head.reusable,
             home,
         };
         if body.decoder.is_done() {
@@ -318,7 +339,7 @@ impl ResponseBody {
         let Some(conn) = self.conn.take() else { return };
         let clean = self.reusable && self.writer.is_none() && conn.rbuf.is_empty() && conn.queued() == 0;
         if let (true, Some(home)) = (clean, self.home.take()) {
-            home.give_back(conn);
+            home.give_back(conn.idle());
         }
     }
 

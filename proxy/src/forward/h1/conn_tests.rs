@@ -87,7 +87,7 @@ async fn exchange(
     body: UpstreamBody,
     home: &Arc<Kept>,
 ) -> Result<(u16, Vec<u8>, Option<http::HeaderMap>), Error> {
-    let mut writer = conn.start(parts, body);
+    let mut writer = conn.start(parts, None, body);
     let head = response_head(&mut conn, &mut writer).await?;
     let resp = response(conn, writer, head, Some(Arc::clone(home) as Arc<dyn GiveBack>));
     let status = resp.status().as_u16();
@@ -257,7 +257,7 @@ async fn a_pooled_connection_closed_under_a_get_is_replaced_and_the_get_sent_aga
     };
     for _ in 0..2 {
         let (p, b) = get("/");
-        let resp = pool::send(&connector, &settings, &conns, addr, false, in_a_second(), &p, b).await;
+        let resp = pool::send(&connector, &settings, &conns, addr, false, in_a_second(), &p, None, b).await;
         let body = resp.expect("answered").into_body().collect().await.expect("body").to_bytes();
         assert_eq!(body, "ok");
     }

@@ -36,24 +36,34 @@ pub struct BodyShape {
     pub exact: Option<u64>,
 }
 
+/// A header this hop adds, over any of that name the client sent.
+pub type Extra<'a> = Option<(&'a HeaderName, &'a HeaderValue)>;
+
 /// Writes the request head for `parts` (origin-form target, hop-by-hop headers already
-/// off) into `out`, with the framing the body needs; any Content-Length of the
-/// client's is replaced by ours, so the head cannot disagree with the body sent.
-pub fn encode_head(parts: &Parts, body: BodyShape, out: &mut BytesMut) -> Sending {
+/// off) and `extra` into `out`, with the framing the body needs; any Content-Length of
+/// the client's is replaced by ours, so the head cannot disagree with the body sent.
+pub fn encode_head(parts: &Parts, extra: Extra<'_>, body: BodyShape, out: &mut BytesMut) -> Sending {
     let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     out.reserve(64 + target.len() + parts.headers.len() * 32);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-            continue;
-        }
+    let mut line = |name: &HeaderName, value: &HeaderValue| {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || extra.is_some_and(|(n, _)| n == name)
+        {
+            continue;
+        }
+        line(name, value);
+    }
+    if let Some((name, value)) = extra {
+        line(name, value);
     }
     let sending = match (body.empty, body.exact) {
         (true, _) | (false, Some(0)) => {

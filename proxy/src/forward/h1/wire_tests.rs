@@ -14,7 +14,7 @@ fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
 
 fn encoded(p: &Parts, empty: bool, exact: Option<u64>) -> (String, Sending) {
     let mut out = BytesMut::new();
-    let s = encode_head(p, BodyShape { empty, exact }, &mut out);
+    let s = encode_head(p, None, BodyShape { empty, exact }, &mut out);
     (String::from_utf8(out.to_vec()).expect("ascii"), s)
 }
 
@@ -38,6 +38,11 @@ fn a_request_head_carries_the_framing_of_the_body_sent() {
     let (head, s) = encoded(&parts("POST", "/p", &[]), true, Some(0));
     assert!(head.ends_with("content-length: 0\r\n\r\n"), "an empty POST says so: {head}");
     assert_eq!(s, Sending::Nothing);
+    let (cost, ours) = (HeaderName::from_static("x-cost"), HeaderValue::from_static("1"));
+    let mut out = BytesMut::new();
+    let spoofed = parts("GET", "/", &[("x-cost", "999"), ("x-a", "b")]);
+    encode_head(&spoofed, Some((&cost, &ours)), BodyShape { empty: true, exact: Some(0) }, &mut out);
+    assert_eq!(&out[..], b"GET / HTTP/1.1\r\nx-a: b\r\nx-cost: 1\r\n\r\n", "this hop's header, not the client's");
     let smuggled = parts("GET", "/", &[("transfer-encoding", "chunked")]);
     assert_eq!(encoded(&smuggled, true, Some(0)).0, "GET / HTTP/1.1\r\n\r\n", "framing headers are ours alone");
 }
