@@ -189,6 +189,10 @@ async fn a_get_whose_pooled_connection_closes_under_it_is_sent_again_on_a_new_on
         assert_eq!(body, b"ok");
     }
     assert_eq!(s.backend.accepted.load(Ordering::SeqCst), 2);
+    // Sent again by the pool, not retried on another endpoint by the forward step
+    // (which would also open a second connection, and spend retry budget).
+    let (_, text) = neutrino_tests::get(s.proxy.admin, "/metrics").await.unwrap();
+    assert_eq!(metric(&text, "neutrino_proxy_retries_total", ""), Some(0.0), "{text}");
 }
 
 #[tokio::test]

@@ -223,6 +223,9 @@ impl Writer {
                 ready!(Pin::new(&mut conn.io).poll_flush(cx)).map_err(Error::Write)?;
                 self.flushed = true;
             } else if waiting {
+                // What was written must reach the upstream while the client pauses: TLS
+                // may hold it until flushed (a no-op for plain TCP).
+                ready!(Pin::new(&mut conn.io).poll_flush(cx)).map_err(Error::Write)?;
                 return Poll::Pending;
             }
         }
@@ -238,6 +241,12 @@ impl Writer {
                             .checked_sub(data.len() as u64)
                             .ok_or(Error::body("the body is longer than its Content-Length"))?;
                         conn.queue(data);
+                        if *left == 0 {
+                            // All of it: done, without waiting for the client's body to
+                            // say so (a response may come first, and then the
+                            // connection could not be pooled).
+                            self.body = None;
+                        }
                     }
                     Sending::Chunked => {
                         wire::chunk_size_line(data.len(), &mut conn.wbuf);
@@ -253,7 +262,7 @@ impl Writer {
         // Trailers end a chunked body; a body with a length has no room for them.
         if let (Ok(trailers), Sending::Chunked) = (frame.into_trailers(), self.sending) {
             conn.wbuf.extend_from_slice(b"0\r\n");
-            for (n, v) in &trailers {
+            for (n, v) in trailers.iter().filter(|(n, _)| wire::may_trail(n.as_str().as_bytes())) {
                 conn.wbuf.extend_from_slice(n.as_str().as_bytes());
                 conn.wbuf.extend_from_slice(b": ");
                 conn.wbuf.extend_from_slice(v.as_bytes());
@@ -271,7 +280,6 @@ impl Writer {
 /// (its body as far as the upstream takes it before answering) while the answer is
 /// read. `Error::Timeout` when the connection's deadline passes first.
 pub async fn response_head(conn: &mut Conn, writer: &mut Writer) -> Result<wire::Head, Error> {
-    let mut first = true;
     // A server may answer and close before taking the whole request (a 413, say): its
     // answer, when there is one to read, says more than the failed write.
     let mut write_failed = None;
@@ -299,10 +307,12 @@ pub async fn response_head(conn: &mut Conn, writer: &mut Writer) -> Result<wire:
             };
             return Poll::Ready(Err(write_failed.take().map_or(ended, Error::Write)));
         }
-        // One poll registers the task with the timer; then its state is enough.
-        let elapsed =
-            if std::mem::take(&mut first) { conn.timer.as_mut().poll(cx).is_ready() } else { conn.timer.is_elapsed() };
-        if elapsed { Poll::Ready(Err(Error::Timeout)) } else { Poll::Pending }
+        // Polled each time, not once: a poll refused for the task's exhausted budget
+        // (tokio's coop) registers nothing.
+        match conn.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Error::Timeout)),
+            Poll::Pending => Poll::Pending,
+        }
     })
     .await
 }
@@ -422,6 +432,9 @@ pub fn response(
     *r.status_mut() = head.status;
     *r.version_mut() = head.version;
     *r.headers_mut() = head.headers;
+    if let Some(reason) = head.reason.and_then(|b| hyper::ext::ReasonPhrase::try_from(b).ok()) {
+        r.extensions_mut().insert(reason);
+    }
     r
 }
 

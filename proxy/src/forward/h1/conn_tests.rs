@@ -191,17 +191,29 @@ use tokio_stream::StreamExt;
 
 #[tokio::test]
 async fn a_streamed_request_body_goes_out_chunked_as_it_comes() {
-    let (addr, _) = server(|_, mut s| async move {
-        let (head, mut rest) = read_head(&mut s).await.expect("request");
-        assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
-        let mut chunk = [0u8; 1024];
-        while !rest.ends_with(b"0\r\n\r\n") {
-            let n = s.read(&mut chunk).await.expect("read");
-            assert!(n > 0, "the body never ended: {:?}", String::from_utf8_lossy(&rest));
-            rest.extend_from_slice(&chunk[..n]);
+    // The server says when the first chunk is in; only then does the client send the
+    // second: a body held back until it ends would never get there.
+    let (first_in, mut got_first) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (addr, _) = server(move |_, mut s| {
+        let first_in = first_in.clone();
+        async move {
+            let (head, mut rest) = read_head(&mut s).await.expect("request");
+            assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+            let mut chunk = [0u8; 1024];
+            while !rest.ends_with(b"5\r\nhello\r\n") {
+                let n = s.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "no first chunk: {:?}", String::from_utf8_lossy(&rest));
+                rest.extend_from_slice(&chunk[..n]);
+            }
+            first_in.send(()).expect("the test waits");
+            while !rest.ends_with(b"0\r\n\r\n") {
+                let n = s.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "the body never ended: {:?}", String::from_utf8_lossy(&rest));
+                rest.extend_from_slice(&chunk[..n]);
+            }
+            assert_eq!(rest, b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.expect("write");
         }
-        assert_eq!(rest, b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
-        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.expect("write");
     })
     .await;
     let (tx, body) = streamed_body().await;
@@ -209,9 +221,14 @@ async fn a_streamed_request_body_goes_out_chunked_as_it_comes() {
     let kept = Arc::new(Kept::default());
     let sending = tokio::spawn(async move {
         tx.send(Bytes::from_static(b"hello")).await.expect("send");
+        got_first.recv().await.expect("the server saw the first chunk");
         tx.send(Bytes::from_static(b" world")).await.expect("send");
     });
-    let (status, _, _) = exchange(connect(addr).await, &p, body, &kept).await.expect("exchange");
+    let exchanged = exchange(connect(addr).await, &p, body, &kept);
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(5), exchanged)
+        .await
+        .expect("the first chunk went out before the body ended")
+        .expect("exchange");
     sending.await.expect("sent");
     assert_eq!(status, 200);
     assert_eq!(kept.count(), 1, "all sent, all read: reusable");
@@ -262,7 +279,36 @@ async fn a_pooled_connection_closed_under_a_get_is_replaced_and_the_get_sent_aga
         assert_eq!(body, "ok");
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "the second GET went out again on a new connection");
-    // A POST with a body is never sent twice: the same race is its error.
+}
+
+#[tokio::test]
+async fn a_post_with_a_body_is_never_sent_twice() {
+    // The same race under a POST: its error is returned, and no second connection made.
+    let (addr, accepted) = server(|_, mut s| async move {
+        read_head(&mut s).await.expect("request");
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.expect("write");
+        read_head(&mut s).await.expect("the POST");
+    })
+    .await;
+    let settings = PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_endpoint: 8 };
+    let conns = Arc::new(EndpointConns::default());
+    let connector = crate::forward::connect::MeshConnector {
+        tls: None,
+        mesh: Arc::default(),
+        alpn: crate::identity::Alpn::Http1,
+        connect_timeout: Duration::from_secs(2),
+        metrics: Arc::default(),
+    };
+    let (p, b) = get("/");
+    let resp = pool::send(&connector, &settings, &conns, addr, false, in_a_second(), &p, None, b).await;
+    resp.expect("answered").into_body().collect().await.expect("body");
+    let (tx, body) = streamed_body().await;
+    tx.send(Bytes::from_static(b"order")).await.expect("send");
+    drop(tx);
+    let (p, ()) = Request::post("/orders").header("host", "svc").body(()).expect("req").into_parts();
+    let r = pool::send(&connector, &settings, &conns, addr, false, in_a_second(), &p, None, body).await;
+    assert!(r.is_err(), "the closed connection's error, not a second POST");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

@@ -130,6 +130,15 @@ pub struct Head {
     pub framing: Framing,
     /// The connection may carry another request once this response is read whole.
     pub reusable: bool,
+    /// The reason phrase, when not the standard one for the status.
+    pub reason: Option<Bytes>,
+}
+
+/// A trailer the client sent that may go upstream: not one describing the connection,
+/// nor one that frames, routes or authorizes the message (RFC 9110 section 6.5.1).
+pub fn may_trail(name: &[u8]) -> bool {
+    const NOT: [&[u8]; 4] = [b"content-length", b"host", b"authorization", b"content-type"];
+    !hop_by_hop(name) && !NOT.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// Names that describe a connection, not a message (RFC 9110 section 7.6.1), and
@@ -176,7 +185,7 @@ pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
     loop {
         // Where each header sits in the head, kept past the parser's borrow of `buf`.
         let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        let (len, code, minor, count) = {
+        let (len, code, minor, count, reason) = {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut r = httparse::Response::new(&mut headers);
             let len = match r.parse(buf) {
@@ -191,7 +200,8 @@ pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
             for (i, h) in r.headers.iter().enumerate() {
                 at[i] = (offset(h.name.as_bytes()), h.name.len() as u32, offset(h.value), h.value.len() as u32);
             }
-            (len, r.code.unwrap_or(0), r.version.unwrap_or(1), r.headers.len())
+            let reason = r.reason.map_or((0, 0), |s| (offset(s.as_bytes()), s.len() as u32));
+            (len, r.code.unwrap_or(0), r.version.unwrap_or(1), r.headers.len(), reason)
         };
         if len > MAX_HEAD {
             return Err(Error::HeadTooLarge);
@@ -206,7 +216,13 @@ pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
             continue;
         }
         let head = buf.split_to(len).freeze();
-        return build(&head, &at[..count], status, minor, head_request).map(Some);
+        let mut parsed = build(&head, &at[..count], status, minor, head_request)?;
+        // A reason other than the standard one is passed on, as hyper's client did.
+        let reason = &head[reason.0 as usize..(reason.0 + reason.1) as usize];
+        if !reason.is_empty() && status.canonical_reason().is_none_or(|c| c.as_bytes() != reason) {
+            parsed.reason = Some(head.slice_ref(reason));
+        }
+        return Ok(Some(parsed));
     }
 }
 
@@ -248,6 +264,11 @@ fn build(
             }
         }
     }
+    if coded && minor == 0 {
+        // HTTP/1.0 has no transfer codings: RFC 9112 6.1 says to treat the framing as
+        // faulty.
+        return Err(Error::Framing("Transfer-Encoding in an HTTP/1.0 response"));
+    }
     let framing = if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         Framing::Empty
     } else if coded {
@@ -281,7 +302,7 @@ fn build(
         headers.append(name, value);
     }
     let version = if minor == 1 { Version::HTTP_11 } else { Version::HTTP_10 };
-    Ok(Head { status, version, headers, framing, reusable })
+    Ok(Head { status, version, headers, framing, reusable, reason: None })
 }
 
 /// One step of decoding a response body from the read buffer.
@@ -359,7 +380,15 @@ impl Decoder {
                 }
                 State::UntilClose if buf.is_empty() => return Ok(Decoded::NeedMore),
                 State::UntilClose => return Ok(Decoded::Data(buf.split().freeze())),
+                // httparse takes a line with no digit as size 0, the last chunk, and a
+                // bare LF in an extension: both are how a desync starts.
+                State::Size if buf.first().is_some_and(|b| !b.is_ascii_hexdigit()) => {
+                    return Err(Error::Framing("chunk-size line without a size"));
+                }
                 State::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, _))) if buf[..used - 2].contains(&b'\n') => {
+                        return Err(Error::Framing("bare LF in a chunk-size line"));
+                    }
                     Ok(httparse::Status::Complete((used, size))) => {
                         buf.advance(used);
                         self.state = if size == 0 { State::Trailers } else { State::Data(size) };

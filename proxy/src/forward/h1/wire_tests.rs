@@ -112,6 +112,22 @@ fn framing_follows_rfc_9112_section_6_3() {
 }
 
 #[test]
+fn a_reason_phrase_is_kept_only_when_it_is_not_the_standard_one() {
+    assert_eq!(head("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").reason, None);
+    let custom = head("HTTP/1.1 499 Client Closed Request\r\ncontent-length: 0\r\n\r\n");
+    assert_eq!(custom.reason.as_deref(), Some(&b"Client Closed Request"[..]));
+    assert_eq!(head("HTTP/1.1 200 Fine\r\ncontent-length: 0\r\n\r\n").reason.as_deref(), Some(&b"Fine"[..]));
+}
+
+#[test]
+fn request_trailers_that_frame_route_or_authorize_stay_behind() {
+    for name in ["content-length", "Host", "transfer-encoding", "connection", "authorization", "te"] {
+        assert!(!may_trail(name.as_bytes()), "{name}");
+    }
+    assert!(may_trail(b"grpc-status") && may_trail(b"x-checksum"));
+}
+
+#[test]
 fn bad_response_heads_are_errors_that_say_what_is_wrong() {
     for raw in [
         "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
@@ -121,6 +137,8 @@ fn bad_response_heads_are_errors_that_say_what_is_wrong() {
         assert!(matches!(head_of(raw, false), Err(Error::Framing(_))), "{raw:?}");
     }
     assert!(matches!(head_of("HTTP/1.1 2x0 OK\r\n\r\n", false), Err(Error::MalformedHead(_))));
+    let old_chunked = "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n";
+    assert!(matches!(head_of(old_chunked, false), Err(Error::Framing(_))), "HTTP/1.0 has no transfer codings");
     assert!(matches!(head_of("HTTP/1.1 200 OK\r\nbad header\r\n\r\n", false), Err(Error::MalformedHead(_))));
     let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
     assert!(matches!(head_of(&format!("HTTP/1.1 200 OK\r\n{many}\r\n"), false), Err(Error::TooManyHeaders)));
@@ -170,7 +188,16 @@ fn chunked_bodies_decode_whole_and_byte_by_byte() {
 
 #[test]
 fn bad_chunks_are_errors() {
-    for raw in [&b"zz\r\nab\r\n0\r\n\r\n"[..], b"2\r\nabc\r\n0\r\n\r\n", b"2\nab\r\n0\r\n\r\n"] {
+    for raw in [
+        &b"zz\r\nab\r\n0\r\n\r\n"[..],
+        b"2\r\nabc\r\n0\r\n\r\n",
+        b"2\nab\r\n0\r\n\r\n",
+        // No digit: httparse alone would read these as the last chunk.
+        b"5\r\nhello\r\n\r\n\r\nGET / HTTP/1.1\r\n",
+        b"5\r\nhello\r\n;x\r\n\r\n",
+        // A bare LF hidden in an extension.
+        b"1;a\nb\r\nx\r\n0\r\n\r\n",
+    ] {
         assert!(matches!(decode(Framing::Chunked, raw, raw.len()), Err(Error::Framing(_))), "{raw:?}");
     }
     let endless = format!("1;{}", "e".repeat(MAX_CHUNK_LINE + 1));
