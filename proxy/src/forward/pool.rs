@@ -326,4 +326,4 @@ pub async fn send_h2(
 
 #[cfg(test)]
 #[path = "pool_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -47,7 +47,7 @@ async fn backend(serve: Serve) -> (SocketAddr, Arc<AtomicU32>) {
     (addr, accepted)
 }
 
-fn connector() -> MeshConnector {
+pub(crate) fn connector() -> MeshConnector {
     MeshConnector {
         tls: None,
         mesh: Arc::default(),

@@ -66,6 +66,12 @@ where
     (addr, accepted)
 }
 
+/// An endpoint's pool as `pool::send` takes it: settings (8 idle), connections, connector.
+fn pool_of_8() -> (PoolSettings, Arc<EndpointConns>, crate::forward::connect::MeshConnector) {
+    let settings = PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_endpoint: 8 };
+    (settings, Arc::new(EndpointConns::default()), crate::forward::pool::tests::connector())
+}
+
 fn in_a_second() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(1)
 }
@@ -263,15 +269,7 @@ async fn a_pooled_connection_closed_under_a_get_is_replaced_and_the_get_sent_aga
         }
     })
     .await;
-    let settings = PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_endpoint: 8 };
-    let conns = Arc::new(EndpointConns::default());
-    let connector = crate::forward::connect::MeshConnector {
-        tls: None,
-        mesh: Arc::default(),
-        alpn: crate::identity::Alpn::Http1,
-        connect_timeout: Duration::from_secs(2),
-        metrics: Arc::default(),
-    };
+    let (settings, conns, connector) = pool_of_8();
     for _ in 0..2 {
         let (p, b) = get("/");
         let resp = pool::send(&connector, &settings, &conns, addr, false, in_a_second(), &p, None, b).await;
@@ -290,15 +288,7 @@ async fn a_post_with_a_body_is_never_sent_twice() {
         read_head(&mut s).await.expect("the POST");
     })
     .await;
-    let settings = PoolSettings { idle_timeout: Duration::from_secs(60), max_idle_per_endpoint: 8 };
-    let conns = Arc::new(EndpointConns::default());
-    let connector = crate::forward::connect::MeshConnector {
-        tls: None,
-        mesh: Arc::default(),
-        alpn: crate::identity::Alpn::Http1,
-        connect_timeout: Duration::from_secs(2),
-        metrics: Arc::default(),
-    };
+    let (settings, conns, connector) = pool_of_8();
     let (p, b) = get("/");
     let resp = pool::send(&connector, &settings, &conns, addr, false, in_a_second(), &p, None, b).await;
     resp.expect("answered").into_body().collect().await.expect("body");
