@@ -19,32 +19,42 @@ enum Serve {
     Http2,
 }
 
-/// A real server on loopback answering "ok", counting the connections it accepted.
-async fn backend(serve: Serve) -> (SocketAddr, Arc<AtomicU32>) {
+/// A server on loopback running `script` on each connection it accepts (with its
+/// index), counting them.
+pub(crate) async fn server<F, Fut>(script: F) -> (SocketAddr, Arc<AtomicU32>)
+where
+    F: Fn(u32, tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let accepted = Arc::new(AtomicU32::new(0));
     let count = Arc::clone(&accepted);
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
-                });
-                let io = TokioIo::new(s);
-                let _ = match serve {
-                    Serve::Http1 { close_after_one } => {
-                        server::Builder::new().keep_alive(!close_after_one).serve_connection(io, svc).await
-                    }
-                    Serve::Http2 => {
-                        hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await
-                    }
-                };
-            });
+            tokio::spawn(script(count.fetch_add(1, Ordering::SeqCst), s));
         }
     });
     (addr, accepted)
+}
+
+/// A real hyper server on loopback answering "ok", counting the connections it accepted.
+async fn backend(serve: Serve) -> (SocketAddr, Arc<AtomicU32>) {
+    server(move |_, s| async move {
+        let svc = service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
+        });
+        let io = TokioIo::new(s);
+        let _ = match serve {
+            Serve::Http1 { close_after_one } => {
+                server::Builder::new().keep_alive(!close_after_one).serve_connection(io, svc).await
+            }
+            Serve::Http2 => {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await
+            }
+        };
+    })
+    .await
 }
 
 pub(crate) fn connector() -> MeshConnector {

@@ -3,7 +3,7 @@
 //! request body was read, bytes nobody asked for, and the keep-alive race.
 
 use super::*;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Either, Empty, StreamBody};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::forward::pool::tests::server;
 use crate::forward::pool::{self, EndpointConns, PoolSettings};
 
 /// Keeps what is given back, to look at. (Boxed as the pool keeps them.)
@@ -46,24 +47,6 @@ async fn read_head(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-}
-
-/// A server running `script` on each connection it accepts (with its index).
-async fn server<F, Fut>(script: F) -> (std::net::SocketAddr, Arc<AtomicU32>)
-where
-    F: Fn(u32, TcpStream) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicU32::new(0));
-    let count = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(script(count.fetch_add(1, Ordering::SeqCst), s));
-        }
-    });
-    (addr, accepted)
 }
 
 /// An endpoint's pool as `pool::send` takes it: settings (8 idle), connections, connector.
